@@ -1,0 +1,190 @@
+"""Residual-stream capture at t_inst, t_post and over the first N response tokens (HARC-METHOD §1).
+
+Slot `l < n_layers` is the residual entering decoder block `l` (a forward pre-hook); slot
+`n_layers` is the output of the last block, before the final norm. Hooks reduce what they see at
+once (a few columns, or a masked mean), so memory holds a batch, never a whole dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from harc.chat import ChatFormat, left_pad
+from harc.models import decoder_layers
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every requested slot is captured, to skip the remaining blocks."""
+
+
+def _hidden(args, kwargs) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _output(out) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+class ResidualCapture:
+    """Context manager recording (optionally reduced) residuals at the given slots.
+
+    `reduce(slot, h)` maps the [batch, seq, d] residual to what is kept; with `detach=False`
+    the kept tensors stay in the autograd graph (the trainer's coupling losses read them).
+    With `stop_early`, the forward pass ends after the deepest requested slot.
+    """
+
+    def __init__(self, model, slots: Iterable[int], *,
+                 reduce: Callable[[int, Tensor], Tensor] | None = None,
+                 detach: bool = True, stop_early: bool = False):
+        self.blocks = decoder_layers(model)
+        self.n_layers = len(self.blocks)
+        self.slots = sorted(set(slots))
+        if not self.slots or self.slots[0] < 0 or self.slots[-1] > self.n_layers:
+            raise ValueError(f"slots must lie in 0..{self.n_layers}, got {self.slots}")
+        self.reduce = reduce
+        self.detach = detach
+        self.stop_early = stop_early
+        self.out: dict[int, Tensor] = {}
+        self._handles: list = []
+
+    def _keep(self, slot: int, h: Tensor) -> None:
+        if self.detach:
+            h = h.detach()
+        self.out[slot] = self.reduce(slot, h) if self.reduce else h
+        if self.stop_early and slot == self.slots[-1]:
+            raise _StopForward
+
+    def __enter__(self) -> ResidualCapture:
+        for slot in self.slots:
+            if slot < self.n_layers:
+                def pre(_mod, args, kwargs, slot=slot):
+                    self._keep(slot, _hidden(args, kwargs))
+                self._handles.append(
+                    self.blocks[slot].register_forward_pre_hook(pre, with_kwargs=True))
+            else:
+                def post(_mod, _args, out, slot=slot):
+                    self._keep(slot, _output(out))
+                self._handles.append(self.blocks[-1].register_forward_hook(post))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return exc_type is _StopForward
+
+    def run(self, model, **inputs) -> dict[int, Tensor]:
+        """One forward pass under the hooks; returns the captured slots."""
+        self.out = {}
+        with self:
+            model(**inputs, use_cache=False)
+        return self.out
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+    for i in range(0, len(items), size):
+        yield items[i: i + size]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def iter_prompt_acts(model, chat: ChatFormat, prompts: Sequence[str], *, slots=None,
+                     batch_size: int = 16, progress: Callable[[int], None] | None = None
+                     ) -> Iterator[dict[str, Tensor]]:
+    """Yield, per batch, {"inst": [B, S, d], "post": [B, S, d]} float32 residuals."""
+    n_layers = len(decoder_layers(model))
+    slots = list(range(n_layers + 1)) if slots is None else list(slots)
+    cols = [chat.t_inst, chat.t_post]
+    dev = _device(model)
+    cap = ResidualCapture(model, slots, reduce=lambda _s, h: h[:, cols].float(), stop_early=True)
+    for batch in _batches(prompts, batch_size):
+        ids, mask, pos = left_pad([chat.encode_prompt(p) for p in batch],
+                                  chat.tokenizer.pad_token_id, dev)
+        out = cap.run(model, input_ids=ids, attention_mask=mask, position_ids=pos)
+        stacked = torch.stack([out[s] for s in slots], dim=1)  # [B, S, 2, d]
+        yield {"inst": stacked[:, :, 0], "post": stacked[:, :, 1]}
+        if progress:
+            progress(len(batch))
+
+
+@torch.no_grad()
+def iter_response_acts(model, chat: ChatFormat, pairs: Sequence[tuple[str, str]], *,
+                       n_tokens: int = 32, slots=None, batch_size: int = 16,
+                       progress: Callable[[int], None] | None = None) -> Iterator[Tensor]:
+    """Yield, per batch, [B, S, d] float32: the residual mean-pooled over the first `n_tokens`
+    response tokens of each teacher-forced (prompt, response) pair (fewer if shorter)."""
+    n_layers = len(decoder_layers(model))
+    slots = list(range(n_layers + 1)) if slots is None else list(slots)
+    dev = _device(model)
+    for batch in _batches(pairs, batch_size):
+        encs = [chat.encode_pair(p, r, add_eos=False) for p, r in batch]
+        ids, mask, pos = left_pad([e.ids for e in encs], chat.tokenizer.pad_token_id, dev)
+        window = response_window(encs, ids.shape[1], n_tokens, dev)
+        cap = ResidualCapture(model, slots, reduce=lambda _s, h: masked_mean(h, window),
+                              stop_early=True)
+        out = cap.run(model, input_ids=ids, attention_mask=mask, position_ids=pos)
+        yield torch.stack([out[s] for s in slots], dim=1)
+        if progress:
+            progress(len(batch))
+
+
+def response_window(encs, width: int, n_tokens: int, device=None) -> Tensor:
+    """[B, width] float mask of the first `n_tokens` response tokens in a left-padded batch."""
+    w = torch.zeros(len(encs), width)
+    for i, e in enumerate(encs):
+        start = width - len(e.ids) + e.resp_start
+        w[i, start: start + min(n_tokens, e.resp_len)] = 1.0
+    return w.to(device) if device is not None else w
+
+
+def masked_mean(h: Tensor, window: Tensor) -> Tensor:
+    """Mean of h [B, T, d] over the positions where window [B, T] is 1, in float32."""
+    w = window.to(h.device, torch.float32)
+    return torch.einsum("btd,bt->bd", h.float(), w) / w.sum(1, keepdim=True).clamp(min=1.0)
+
+
+class MeanAccumulator:
+    """Running means of per-example activations, with an online Poisson bootstrap.
+
+    Memory is independent of the number of examples: each example gets a Poisson(1) weight per
+    resample (the Poisson bootstrap approximates multinomial resampling for large n), and only the
+    K weighted sums are kept. The same weights apply to every named view of one example (its
+    t_inst and t_post vectors come from the same resampled prompt).
+    """
+
+    def __init__(self, n_boot: int = 0, seed: int = 0):
+        self.n_boot = n_boot
+        self.gen = torch.Generator().manual_seed(seed)
+        self.count = 0
+        self.sums: dict[str, Tensor] = {}
+        self.boot_sums: dict[str, Tensor] = {}
+        self.boot_counts = torch.zeros(n_boot, dtype=torch.float64)
+
+    def add(self, views: dict[str, Tensor]) -> None:
+        b = next(iter(views.values())).shape[0]
+        w = None
+        if self.n_boot:
+            w = torch.poisson(torch.ones(self.n_boot, b, dtype=torch.float64), generator=self.gen)
+            self.boot_counts += w.sum(1)
+        for name, x in views.items():
+            x = x.detach().to("cpu", torch.float64)
+            self.sums[name] = self.sums.get(name, 0) + x.sum(0)
+            if w is not None:
+                self.boot_sums[name] = self.boot_sums.get(name, 0) + torch.einsum("kb,b...->k...", w, x)
+        self.count += b
+
+    def mean(self, name: str) -> Tensor:
+        if not self.count:
+            raise ValueError("no examples were accumulated")
+        return (self.sums[name] / self.count).float()
+
+    def boot_means(self, name: str) -> Tensor:
+        """[K, ...] resampled means."""
+        shape = (-1,) + (1,) * (self.boot_sums[name].dim() - 1)
+        return (self.boot_sums[name] / self.boot_counts.clamp(min=1).view(shape)).float()

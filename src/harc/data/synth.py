@@ -1,0 +1,122 @@
+"""On-policy training triples from the model itself (no Llama-3-generated targets).
+
+For each harmful prompt: (prompt, refusal, harmful-completion opening); for each benign prompt:
+(prompt, helpful answer). The reference takes every model's refusal targets from Llama-3 outputs,
+off-policy for any other model; here both come from the model being hardened:
+- refusal: the model's own greedy answer when it refuses; otherwise its answer with the refusal
+  direction added at t_post onwards (activation addition); otherwise a short templated refusal;
+- completion opening (only the first N tokens feed the response direction): the model's own
+  answer when it complies; otherwise its answer with the refusal direction ablated; otherwise
+  generated after an affirmative prefill.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch.nn.functional as F
+
+from harc import __version__
+from harc.activations import MeanAccumulator, iter_prompt_acts
+from harc.chat import ChatFormat
+from harc.generation import Steer, generate
+from harc.io import atomic_write_text, cache_dir, sha256_json
+from harc.models import model_identity
+
+TEMPLATED_REFUSAL = "I'm sorry, but I can't help with that request."
+
+
+def _refusal_judge() -> Callable[[list[str], list[str]], list[bool]]:
+    from harc.judges.registry import get_judge
+
+    judge = get_judge("refusal_string")
+    return lambda prompts, responses: [v.refused for v in judge.judge(prompts, responses)]
+
+
+def refusal_vectors(model, chat: ChatFormat, harmful: Sequence[str], harmless: Sequence[str],
+                    batch_size: int = 16):
+    """Raw difference of means at t_post per slot ([S, d]): the refusal direction with its norm."""
+    means = []
+    for prompts in (harmful, harmless):
+        acc = MeanAccumulator()
+        for views in iter_prompt_acts(model, chat, prompts, batch_size=batch_size):
+            acc.add({"post": views["post"]})
+        means.append(acc.mean("post"))
+    return means[0] - means[1]
+
+
+def synth_triples(model, chat: ChatFormat, harmful: Sequence[str], harmless: Sequence[str], *,
+                  max_new_tokens: int = 64, completion_tokens: int = 32, batch_size: int = 16,
+                  steer_layer: int | None = None, steer_scale: float = 1.0,
+                  is_refusal: Callable[[list[str], list[str]], list[bool]] | None = None,
+                  progress: Callable[[int], None] | None = None, use_cache: bool = True
+                  ) -> tuple[list[dict], list[dict]]:
+    """Return (triples for `harmful`, helpful pairs for `harmless`), cached by content hash."""
+    settings = {"max_new_tokens": max_new_tokens, "completion_tokens": completion_tokens,
+                "steer_layer": steer_layer, "steer_scale": steer_scale,
+                "template": chat.template_hash(), "model": model_identity(model)}
+    key = sha256_json({"harmful": list(harmful), "harmless": list(harmless), **settings})[:24]
+    path = cache_dir() / "synth" / f"{key}.json"
+    if use_cache and path.exists():
+        cached = json.loads(path.read_text())
+        return cached["triples"], cached["helpful"]
+    is_refusal = is_refusal or _refusal_judge()
+    gen = dict(batch_size=batch_size, progress=progress)
+    helpful = generate(model, chat, harmless, max_new_tokens=max_new_tokens, **gen)
+    own = generate(model, chat, harmful, max_new_tokens=max_new_tokens, **gen)
+    refused = is_refusal(list(harmful), own)
+
+    diff = refusal_vectors(model, chat, harmful, harmless, batch_size)
+    n_layers = diff.shape[0] - 1
+    layer = steer_layer if steer_layer is not None else max(1, n_layers // 2)
+    unit = F.normalize(diff, dim=-1)
+    add = Steer("add", unit, alpha=steer_scale * float(diff[layer].norm()), slots=(layer,))
+    ablate = Steer("ablate", unit)
+
+    refusals = list(own)
+    sources = ["own" if r else "" for r in refused]
+    todo = [i for i, r in enumerate(refused) if not r]
+    if todo:
+        steered = generate(model, chat, [harmful[i] for i in todo], max_new_tokens=max_new_tokens,
+                           steer=add, **gen)
+        ok = is_refusal([harmful[i] for i in todo], steered)
+        for i, text, good in zip(todo, steered, ok):
+            refusals[i], sources[i] = (text, "addition") if good else (TEMPLATED_REFUSAL, "template")
+
+    completions = [""] * len(harmful)
+    comp_src = [""] * len(harmful)
+    for i, r in enumerate(refused):
+        if not r:
+            completions[i], comp_src[i] = own[i], "own"
+    todo = [i for i, r in enumerate(refused) if r]
+    if todo:
+        ablated = generate(model, chat, [harmful[i] for i in todo],
+                           max_new_tokens=completion_tokens, steer=ablate, **gen)
+        ok = is_refusal([harmful[i] for i in todo], ablated)
+        retry = []
+        for i, text, still in zip(todo, ablated, ok):
+            if still:
+                retry.append(i)
+            else:
+                completions[i], comp_src[i] = text, "ablation"
+        if retry:
+            prefills = ["Sure, here is"] * len(retry)
+            forced = generate(model, chat, [harmful[i] for i in retry],
+                              max_new_tokens=completion_tokens, prefills=prefills, **gen)
+            for i, text in zip(retry, forced):
+                completions[i], comp_src[i] = text, "prefill"
+
+    triples = [{"prompt": p, "refusal": r, "completion": c, "refusal_source": rs,
+                "completion_source": cs}
+               for p, r, c, rs, cs in zip(harmful, refusals, completions, sources, comp_src)]
+    pairs = [{"prompt": p, "response": a} for p, a in zip(harmless, helpful)]
+    record = {"triples": triples, "helpful": pairs,
+              "provenance": {**settings, "steer_layer": layer, "harc_version": __version__}}
+    atomic_write_text(path, json.dumps(record, ensure_ascii=False))
+    return triples, pairs
+
+
+def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

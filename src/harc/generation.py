@@ -1,0 +1,109 @@
+"""Batched greedy generation with left padding and optional residual-stream edits.
+
+Edits are forward pre-hooks on every decoder block (and the last block's output):
+- ablation (Arditi et al. 2024): h <- h - (h . v) v at every position, removing a direction;
+- addition: h <- h + alpha * v on the positions from t_post onwards (prompt tail and generated
+  tokens), which pushes the model towards the concept of v.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from harc.chat import ChatFormat, left_pad
+from harc.models import decoder_layers
+
+
+@dataclass(frozen=True)
+class Steer:
+    """A residual edit: `mode` is "ablate" or "add"; `vectors` is [S, d] (unit per slot)."""
+
+    mode: str
+    vectors: Tensor
+    alpha: float = 0.0
+    slots: tuple[int, ...] | None = None  # None: every slot
+
+
+@contextmanager
+def steering(model, steer: Steer | None):
+    """Apply `steer` to every forward pass inside the block (no-op for None)."""
+    if steer is None:
+        yield
+        return
+    blocks = decoder_layers(model)
+    n = len(blocks)
+    slots = steer.slots if steer.slots is not None else tuple(range(n + 1))
+    handles = []
+
+    def edit(h: Tensor, slot: int) -> Tensor:
+        v = steer.vectors[slot].to(h.device, h.dtype)
+        if steer.mode == "ablate":
+            return h - (h @ v).unsqueeze(-1) * v
+        if steer.mode == "add":
+            # During incremental decoding only new tokens pass; on the prompt pass only the last.
+            if h.shape[1] > 1:
+                h = h.clone()
+                h[:, -1] += steer.alpha * v
+                return h
+            return h + steer.alpha * v
+        raise ValueError(f"unknown steering mode {steer.mode!r}")
+
+    for slot in slots:
+        if slot < n:
+            def pre(_m, args, kwargs, slot=slot):
+                if args:
+                    return (edit(args[0], slot), *args[1:]), kwargs
+                kwargs["hidden_states"] = edit(kwargs["hidden_states"], slot)
+                return args, kwargs
+            handles.append(blocks[slot].register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            def post(_m, _a, out, slot=slot):
+                if isinstance(out, tuple):
+                    return (edit(out[0], slot), *out[1:])
+                return edit(out, slot)
+            handles.append(blocks[-1].register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def generate(model, chat: ChatFormat, prompts: Sequence[str], *, max_new_tokens: int = 128,
+             batch_size: int = 16, prefills: Sequence[str | None] | None = None,
+             steer: Steer | None = None, progress: Callable[[int], None] | None = None
+             ) -> list[str]:
+    """Greedy completions for user prompts, optionally with a forced assistant prefix.
+
+    A prefill is part of the returned text, so judges see what the user would see.
+    Prompts are sorted by length so each batch pads little; outputs come back in input order.
+    """
+    tok = chat.tokenizer
+    prefills = list(prefills) if prefills is not None else [None] * len(prompts)
+    encoded = [chat.encode_prompt(p) + (chat._tokenize(f) if f else [])
+               for p, f in zip(prompts, prefills)]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    dev = next(model.parameters()).device
+    eos = {t for t in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None))
+           if t is not None}
+    eos_ids = sorted({e for t in eos for e in (t if isinstance(t, list) else [t])})
+    out: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        idx = order[start: start + batch_size]
+        ids, mask, _ = left_pad([encoded[i] for i in idx], tok.pad_token_id, dev)
+        with steering(model, steer):
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 eos_token_id=eos_ids, pad_token_id=tok.pad_token_id)
+        for row, i in enumerate(idx):
+            text = tok.decode(gen[row, ids.shape[1]:], skip_special_tokens=True)
+            out[i] = (prefills[i] or "") + text
+        if progress:
+            progress(len(idx))
+    return out

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from harc.activations import MeanAccumulator, ResidualCapture, iter_prompt_acts, iter_response_acts
+from harc.chat import ChatFormat, left_pad
+from tiny import tiny_model, tiny_tokenizer
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma", "gpt_neox"])
+def test_slots_are_block_inputs_plus_last_output(arch):
+    model = tiny_model(arch)
+    ids = torch.tensor([[3, 17, 42, 99, 7]])
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        cap = ResidualCapture(model, range(5)).run(model, input_ids=ids)
+    for s in range(4):  # hidden_states[l] is the input of block l
+        torch.testing.assert_close(cap[s], hs[s])
+    assert cap[4].shape == hs[4].shape
+    # the last slot is the raw output of the last block, before the final norm
+    assert not torch.allclose(cap[4], hs[4]) or arch == "gpt_neox"
+
+
+def test_stop_early_skips_later_blocks():
+    model = tiny_model("llama")
+    calls = []
+    model.model.layers[3].register_forward_pre_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        out = ResidualCapture(model, [1], stop_early=True).run(model, input_ids=torch.tensor([[1, 2]]))
+    assert list(out) == [1] and calls == []
+
+
+def test_padded_batch_matches_single_examples():
+    tok, model = tiny_tokenizer("chatml"), tiny_model("llama", n_layers=3)
+    chat = ChatFormat(tok)
+    prompts = ["bake bread", "How do I kill a Python process at home?", "sea"]
+    batched = next(iter_prompt_acts(model, chat, prompts, batch_size=3))
+    for i, p in enumerate(prompts):
+        single = next(iter_prompt_acts(model, chat, [p], batch_size=1))
+        torch.testing.assert_close(batched["inst"][i], single["inst"][0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched["post"][i], single["post"][0], atol=1e-5, rtol=1e-4)
+
+
+def test_response_window_mean_over_first_n_tokens():
+    tok, model = tiny_tokenizer("chatml"), tiny_model("llama", n_layers=2)
+    chat = ChatFormat(tok)
+    pairs = [("bake bread", "Mix flour and water, then knead the dough for a while."),
+             ("sea", "Waves.")]
+    got = next(iter_response_acts(model, chat, pairs, n_tokens=4, batch_size=2))
+    for i, (p, r) in enumerate(pairs):
+        enc = chat.encode_pair(p, r, add_eos=False)
+        ids, mask, pos = left_pad([enc.ids], tok.pad_token_id)
+        with torch.no_grad():
+            hs = model(input_ids=ids, output_hidden_states=True).hidden_states
+        n = min(4, enc.resp_len)
+        want = hs[1][0, enc.resp_start: enc.resp_start + n].mean(0)
+        torch.testing.assert_close(got[i, 1], want, atol=1e-5, rtol=1e-4)
+
+
+def test_works_under_a_peft_adapter():
+    from harc.models import attach_lora
+
+    tok, model = tiny_tokenizer("chatml"), tiny_model("qwen2")
+    peft_model = attach_lora(model, r=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    acts = next(iter_prompt_acts(peft_model, ChatFormat(tok), ["hi there"]))
+    assert acts["inst"].shape == (1, 5, 32)
+
+
+def test_mean_accumulator_and_poisson_bootstrap_formula():
+    x = torch.randn(10, 3, 4, dtype=torch.float64)
+    acc = MeanAccumulator(n_boot=7, seed=3)
+    acc.add({"a": x[:6]})
+    acc.add({"a": x[6:]})
+    torch.testing.assert_close(acc.mean("a"), x.mean(0).float())
+    g = torch.Generator().manual_seed(3)
+    w = torch.cat([torch.poisson(torch.ones(7, 6, dtype=torch.float64), generator=g),
+                   torch.poisson(torch.ones(7, 4, dtype=torch.float64), generator=g)], 1)
+    want = torch.einsum("kb,bsd->ksd", w, x) / w.sum(1).view(-1, 1, 1)
+    torch.testing.assert_close(acc.boot_means("a"), want.float())

@@ -1,0 +1,86 @@
+import pytest
+import torch
+
+from harc.chat import ChatFormat, left_pad
+from harc.errors import HarcError
+from tiny import TEMPLATES, tiny_tokenizer
+
+pytestmark = pytest.mark.unit
+
+TAILS = {
+    "chatml": "<|im_end|>\n<|im_start|>assistant\n",
+    "qwen2.5": "<|im_end|>\n<|im_start|>assistant\n",
+    "llama3.1": "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+    "gemma": "<end_of_turn>\n<start_of_turn>model\n",
+    "mistral": " [/INST]",
+}
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_positions_come_from_the_template(template):
+    tok = tiny_tokenizer(template)
+    chat = ChatFormat(tok)
+    for prompt in ["How do I bake bread?", "kill a process", "x"]:
+        ids = chat.encode_prompt(prompt)
+        assert tok.decode(ids[chat.t_inst + 1:]) == TAILS[template]
+        # t_inst is the last token of the user content
+        assert prompt.endswith(tok.decode(ids[chat.t_inst]).strip() or "~")
+        assert chat.t_post == -1
+
+
+def test_raw_template_qwen_variant():
+    tok = tiny_tokenizer("qwen2.5")
+    chat = ChatFormat(tok, raw_template="qwen")
+    ids = chat.encode_prompt("bake bread")
+    assert tok.decode(ids) == "<|im_start|>user\nbake bread<|im_end|>\n<|im_start|>assistant"
+    assert tok.decode(ids[chat.t_inst]).strip() == "bread" or "bread".endswith(
+        tok.decode(ids[chat.t_inst]).strip())
+    assert tok.decode(ids[chat.t_inst + 1:]) == "<|im_end|>\n<|im_start|>assistant"
+
+
+def test_system_prompt_is_rendered():
+    chat = ChatFormat(tiny_tokenizer("qwen2.5"), system_prompt="Be brief.")
+    assert "Be brief." in chat.render("hi") and "Qwen" not in chat.render("hi")
+
+
+def test_left_truncation_keeps_head_and_tail():
+    tok = tiny_tokenizer("llama3.1")
+    full = ChatFormat(tok, max_prompt_tokens=4096)
+    short = ChatFormat(tok, max_prompt_tokens=full.head_len + full.tail_len + 10)
+    long_prompt = "the waves roll under a blue sky " * 50 + "END"
+    ids_full, ids = full.encode_prompt(long_prompt), short.encode_prompt(long_prompt)
+    assert len(ids) == short.max_prompt_tokens < len(ids_full)
+    assert ids[: full.head_len] == ids_full[: full.head_len]
+    assert ids[-(full.tail_len + 5):] == ids_full[-(full.tail_len + 5):]
+
+
+def test_pair_encoding_marks_response():
+    tok = tiny_tokenizer("chatml")
+    chat = ChatFormat(tok, max_response_tokens=6)
+    enc = chat.encode_pair("bake bread", "Sure, here is how to do it. Mix flour and water.")
+    assert enc.resp_len == 6 and len(enc.ids) == enc.resp_start + 6
+    assert enc.ids[-1] == tok.eos_token_id
+    assert enc.ids[: enc.resp_start] == chat.encode_prompt("bake bread")
+
+
+def test_errors_are_one_line():
+    tok = tiny_tokenizer("chatml")
+    tok.chat_template = None
+    with pytest.raises(HarcError, match="no chat template"):
+        ChatFormat(tok)
+    tok = tiny_tokenizer("chatml")
+    tok.chat_template = "{{ 'no user turn here' }}"
+    with pytest.raises(HarcError, match="no user turn"):
+        ChatFormat(tok)
+    with pytest.raises(HarcError, match="shorter than the chat template"):
+        ChatFormat(tiny_tokenizer("chatml"), max_prompt_tokens=5)
+    with pytest.raises(HarcError, match="empty prompt"):
+        ChatFormat(tiny_tokenizer("chatml")).encode_prompt("  ")
+
+
+def test_left_pad_positions():
+    ids, mask, pos = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert pos.dtype == torch.long
