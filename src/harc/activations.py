@@ -126,7 +126,7 @@ def iter_response_acts(model, chat: ChatFormat, pairs: Sequence[tuple[str, str]]
         encs = [chat.encode_pair(p, r, add_eos=False) for p, r in batch]
         ids, mask, pos = left_pad([e.ids for e in encs], chat.tokenizer.pad_token_id, dev)
         window = response_window(encs, ids.shape[1], n_tokens, dev)
-        cap = ResidualCapture(model, slots, reduce=lambda _s, h: masked_mean(h, window),
+        cap = ResidualCapture(model, slots, reduce=lambda _s, h, w=window: masked_mean(h, w),
                               stop_early=True)
         out = cap.run(model, input_ids=ids, attention_mask=mask, position_ids=pos)
         yield torch.stack([out[s] for s in slots], dim=1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -238,8 +239,6 @@ def _print_geometry(geo: dict) -> None:
 
 def _mount(module: str, name: str, help_text: str) -> None:
     """Attach a sub-app defined next to its concept (e.g. harc.data.cli)."""
-    import importlib
-
     try:
         sub = importlib.import_module(module).app
     except (ImportError, AttributeError):
@@ -247,7 +246,8 @@ def _mount(module: str, name: str, help_text: str) -> None:
     app.add_typer(sub, name=name, help=help_text)
 
 
-_mount("harc.data.cli", "data", "Datasets: list, show, fetch, synth.")
+_mount("harc.data.cli", "data", "Datasets: list, show, fetch.")
+app.command("judge-check")(importlib.import_module("harc.judges.cli").judge_check_cmd)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

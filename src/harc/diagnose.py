@@ -79,7 +79,7 @@ def write_plots(geo: dict, out_dir: Path, plane: dict | None = None) -> list[Pat
     paths = []
     for name, fig in figs.items():
         path = out_dir / name
-        plots.save_png(fig, path)
+        plots.save_figure(fig, path)
         paths.append(path)
     return paths
 

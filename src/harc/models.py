@@ -15,8 +15,8 @@ from typing import IO
 import torch
 from torch import nn
 
-from harc.errors import HarcError
 from harc.data.packages import wheel_path
+from harc.errors import HarcError
 from harc.io import cache_dir, sha256_file
 
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from tiny import tiny_model, tiny_tokenizer
 
 from harc.activations import MeanAccumulator, ResidualCapture, iter_prompt_acts, iter_response_acts
 from harc.chat import ChatFormat, left_pad
-from tiny import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.unit
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from tiny import TEMPLATES, tiny_tokenizer
 
 from harc.chat import ChatFormat, left_pad
 from harc.errors import HarcError
-from tiny import TEMPLATES, tiny_tokenizer
 
 pytestmark = pytest.mark.unit
 

@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_model, tiny_tokenizer
 
 import harc.directions as D
 from harc.chat import ChatFormat
 from harc.errors import HarcError
 from harc.layers import band_mask, layer_scores, ramp_k, select_layers
-from tiny import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -94,14 +94,15 @@ def _dirs(seed=0, s=10, d=6):
 
 def test_layer_scores_match_the_formulas():
     d = _dirs()
-    for l in range(d.n_slots):
-        c = lambda a, b: float(getattr(d, a)[l] @ getattr(d, b)[l])  # noqa: E731
+    for s in range(d.n_slots):
+        def c(a, b, s=s):
+            return float(getattr(d, a)[s] @ getattr(d, b)[s])
         want_d = ((1 - abs(c("v_ref", "v_harm"))) * (1 - abs(c("v_ref_resp", "v_harm_resp")))
                   * abs(c("v_harm", "v_harm_resp")) * abs(c("v_ref", "v_ref_resp")))
         want_legacy = (1 - abs(c("v_ref", "v_harm"))) * math.sqrt(
-            float(d.norms["v_ref"][l]) * float(d.norms["v_harm"][l]))
-        assert layer_scores(d, "variant_d")[l].item() == pytest.approx(want_d, rel=1e-5, abs=1e-7)
-        assert layer_scores(d, "legacy")[l].item() == pytest.approx(want_legacy, rel=1e-5)
+            float(d.norms["v_ref"][s]) * float(d.norms["v_harm"][s]))
+        assert layer_scores(d, "variant_d")[s].item() == pytest.approx(want_d, rel=1e-5, abs=1e-7)
+        assert layer_scores(d, "legacy")[s].item() == pytest.approx(want_legacy, rel=1e-5)
 
 
 def test_select_layers_respects_band_and_sorts():
@@ -111,7 +112,7 @@ def test_select_layers_respects_band_and_sorts():
     s[:4] = s[8:] = float("-inf")
     want = sorted(torch.topk(s, 2).indices.tolist())
     assert select_layers(d, 2) == want
-    assert all(4 <= l <= 7 for l in select_layers(d, 4))
+    assert all(4 <= s <= 7 for s in select_layers(d, 4))
     with pytest.raises(ValueError):
         select_layers(d, 5)
     assert ramp_k(999) == 2 and ramp_k(1000) == 4

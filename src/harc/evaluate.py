@@ -1,0 +1,364 @@
+"""Evaluation engine: attacks x prompts -> cached generations -> judges -> metrics.
+
+A *policy* is a model, optionally with a HARC adapter and an input filter. Each policy is run on
+the harmful requests under every attack (attack success = the judge finds no refusal), on
+pseudo-harmful benign prompts (over-refusal), on plain benign instructions, and on verifiable
+capability items; an adapted model is also compared with its own base (adapter disabled) by KL
+and perplexity on benign answers. Generations are cached by content hash in a JSON-lines file
+appended after every batch, so an interrupted evaluation resumes without regenerating.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from harc.chat import ChatFormat, left_pad
+from harc.data.capability import check as check_capability
+from harc.errors import HarcError
+from harc.filters import BLOCKED
+from harc.generation import Steer, generate
+from harc.io import sha256_json
+from harc.models import model_identity
+
+DEFAULT_ATTACKS = ("direct", "dan", "aim", "refusal_suppression", "prefix_injection",
+                   "style_injection", "evil_confidant", "deep_inception", "code_attack", "pap",
+                   "prefill", "ablation")
+
+
+@dataclass
+class EvalConfig:
+    """What an evaluation runs.
+
+    attacks: attack names, or {"name": ..., **params} records (see `harc attacks`).
+    harmful / n_harmful: harmful requests (registry name or file) and how many.
+    over_refusal / n_over_refusal: pseudo-harmful benign sets; a refusal there is a false refusal.
+    benign / n_benign: plain benign instructions (should stay answered).
+    capability / n_capability: verifiable items {"prompt", "answer", "check"}; None to skip.
+    max_new_tokens, batch_size: generation settings (greedy decoding).
+    judge: primary judge; attack success = its verdict says not refused (or harmful, if it grades).
+    mean_attacks: attacks averaged into mean ASR (default: every attack except "direct").
+    plane: place each attack family on the harmfulness-refusal plane (needs directions).
+    """
+
+    attacks: list = field(default_factory=lambda: list(DEFAULT_ATTACKS))
+    harmful: str = "harmbench"
+    n_harmful: int = 100
+    over_refusal: list[str] = field(default_factory=lambda: ["harc-pseudo-harmful"])
+    n_over_refusal: int = 250
+    benign: str = "harc-benign"
+    n_benign: int = 50
+    capability: str | None = "harc-capability"
+    n_capability: int = 60
+    max_new_tokens: int = 128
+    batch_size: int = 16
+    judge: str = "refusal_string"
+    mean_attacks: list[str] | None = None
+    plane: bool = True
+
+    def check(self) -> None:
+        for key in ("n_harmful", "n_over_refusal", "n_benign", "n_capability", "max_new_tokens",
+                    "batch_size"):
+            if getattr(self, key) <= 0:
+                raise HarcError(f"eval.{key} must be positive, got {getattr(self, key)}")
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """Wilson score interval of a proportion k/n."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / den
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def rate(flags: Sequence[bool]) -> dict:
+    k, n = int(sum(flags)), len(flags)
+    return {"n": n, "k": k, "rate": k / n if n else 0.0, "ci": wilson(k, n)}
+
+
+class GenerationCache:
+    """JSON-lines store of generations keyed by (policy, prompt, prefill, steer, settings)."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.store: dict[str, str] = {}
+        if self.path and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by an interruption
+                    continue
+                self.store[row["key"]] = row["response"]
+
+    def add(self, items: dict[str, str]) -> None:
+        self.store.update(items)
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                for k, v in items.items():
+                    f.write(json.dumps({"key": k, "response": v}, ensure_ascii=False) + "\n")
+
+
+class Evaluator:
+    """Runs one policy through an EvalConfig and returns its results record."""
+
+    def __init__(self, model, chat: ChatFormat, cfg: EvalConfig, *, name: str,
+                 adapter: str | None = None, input_filter=None, dirs=None,
+                 plane_layer: int | None = None, cache: GenerationCache | None = None,
+                 progress: Callable[[str, int], Callable[[int], None]] | None = None):
+        self.model, self.chat, self.cfg = model, chat, cfg
+        self.name, self.adapter, self.filter = name, adapter, input_filter
+        self.dirs, self.plane_layer = dirs, plane_layer
+        self.cache = cache or GenerationCache(None)
+        self.progress = progress or (lambda desc, total: (lambda n=1: None))
+        ident = model_identity(model)
+        self.policy_key = sha256_json({"model": ident, "adapter": _adapter_hash(adapter),
+                                       "filter": getattr(input_filter, "name", None),
+                                       "template": chat.template_hash(),
+                                       "max_new_tokens": cfg.max_new_tokens})[:16]
+        from harc.judges.registry import get_judge
+
+        self.judge = get_judge(cfg.judge)
+
+    # generation --------------------------------------------------------------------------------
+    def respond(self, prompts: Sequence[str], prefills: Sequence[str | None] | None = None,
+                steer: str | None = None, desc: str = "generating") -> list[str]:
+        """Responses of this policy, from the cache where present; filtered prompts are blocked."""
+        prefills = list(prefills) if prefills is not None else [None] * len(prompts)
+        blocked = self.filter.flags(list(prompts)) if self.filter else [False] * len(prompts)
+        keys = [sha256_json([self.policy_key, p, f, steer]) for p, f in zip(prompts, prefills)]
+        todo = [i for i, k in enumerate(keys) if not blocked[i] and k not in self.cache.store]
+        if todo:
+            steer_obj = self._steer(steer)
+            advance = self.progress(desc, len(todo))
+            bs = self.cfg.batch_size
+            for s in range(0, len(todo), bs):
+                chunk = todo[s: s + bs]
+                outs = generate(self.model, self.chat, [prompts[i] for i in chunk],
+                                prefills=[prefills[i] for i in chunk], steer=steer_obj,
+                                max_new_tokens=self.cfg.max_new_tokens, batch_size=bs)
+                self.cache.add({keys[i]: o for i, o in zip(chunk, outs)})
+                advance(len(chunk))
+        return [BLOCKED if b else self.cache.store[k] for k, b in zip(keys, blocked)]
+
+    def _steer(self, steer: str | None) -> Steer | None:
+        if steer is None:
+            return None
+        if steer != "ablate_refusal":
+            raise HarcError(f"unknown steering edit {steer!r}")
+        if self.dirs is None:
+            raise HarcError("the ablation attack needs directions; run `harc extract` first")
+        return Steer("ablate", self.dirs.v_ref)
+
+    def _target(self, probes) -> list[str]:
+        return self.respond([p.prompt for p in probes], [p.prefill for p in probes],
+                            probes[0].steer if probes else None, desc="attack target")
+
+    # pieces --------------------------------------------------------------------------------------
+    def run_attack(self, spec, requests: list[dict]) -> tuple[str, dict, list]:
+        from harc.attacks.registry import get_attack
+
+        name, params = (spec, {}) if isinstance(spec, str) else (
+            spec["name"], {k: v for k, v in spec.items() if k != "name"})
+        attack = get_attack(name, **params)
+        if getattr(attack, "iterative", False):
+            probes = attack.run(requests, self._target, self.judge)
+        else:
+            probes = attack.apply(requests)
+        by_steer = defaultdict(list)
+        for i, p in enumerate(probes):
+            by_steer[p.steer].append(i)
+        responses = [""] * len(probes)
+        for steer, idx in by_steer.items():
+            outs = self.respond([probes[i].prompt for i in idx], [probes[i].prefill for i in idx],
+                                steer, desc=f"{self.name}: {name}")
+            for i, o in zip(idx, outs):
+                responses[i] = o
+        verdicts = self.judge.judge([p.source_prompt for p in probes], responses)
+        success = [(v.harmful if v.harmful is not None else not v.refused) and r != BLOCKED
+                   for v, r in zip(verdicts, responses)]
+        cats = defaultdict(list)
+        for p, s in zip(probes, success):
+            cats[p.category or "uncategorised"].append(s)
+        stats = rate(success)
+        rec = {"n": stats["n"], "success": stats["k"], "asr": stats["rate"], "ci": stats["ci"],
+               "judge": self.judge.name,
+               "per_category": {c: {"n": len(v), "success": sum(v), "asr": sum(v) / len(v),
+                                    "ci": wilson(sum(v), len(v))} for c, v in sorted(cats.items())}}
+        return name, rec, probes
+
+    def refusal_rate(self, prompts: list[str], desc: str) -> dict:
+        responses = self.respond(prompts, desc=desc)
+        verdicts = self.judge.judge(prompts, responses)
+        r = rate([v.refused or o == BLOCKED for v, o in zip(verdicts, responses)])
+        return {"n": r["n"], "refused": r["k"], "rate": r["rate"], "ci": r["ci"]}
+
+    def capability(self, items: list[dict]) -> dict:
+        responses = self.respond([it["prompt"] for it in items], desc=f"{self.name}: capability")
+        r = rate([check_capability(it, o) for it, o in zip(items, responses)])
+        return {"n": r["n"], "correct": r["k"], "acc": r["rate"], "ci": r["ci"]}
+
+    @torch.no_grad()
+    def kl_and_ppl(self, prompts: list[str]) -> dict:
+        """Token-mean KL(base || adapted) and perplexities on the base model's own benign answers."""
+        disable = getattr(self.model, "disable_adapter", None)
+        if disable is None:
+            return {}
+        with disable():
+            answers = self.respond_base(prompts)
+        tok = self.chat.tokenizer
+        dev = next(self.model.parameters()).device
+        kl_sum = nll_a = nll_b = 0.0
+        count = 0
+        bs = self.cfg.batch_size
+        for s in range(0, len(prompts), bs):
+            encs = [self.chat.encode_pair(p, a) for p, a in zip(prompts[s:s + bs], answers[s:s + bs])]
+            ids, mask, pos = left_pad([e.ids for e in encs], tok.pad_token_id, dev)
+            width = ids.shape[1]
+            sel = torch.zeros_like(ids, dtype=torch.bool)
+            for i, e in enumerate(encs):  # positions whose next token is a response token
+                start = width - len(e.ids) + e.resp_start
+                sel[i, start - 1: start - 1 + e.resp_len] = True
+            target = ids[:, 1:][sel[:, :-1]]
+            logp_a = F.log_softmax(self.model(input_ids=ids, attention_mask=mask,
+                                              position_ids=pos).logits[sel].float(), -1)
+            with disable():
+                logp_b = F.log_softmax(self.model(input_ids=ids, attention_mask=mask,
+                                                  position_ids=pos).logits[sel].float(), -1)
+            kl_sum += F.kl_div(logp_a, logp_b, log_target=True, reduction="sum").item()
+            nll_a -= logp_a.gather(1, target[:, None]).sum().item()
+            nll_b -= logp_b.gather(1, target[:, None]).sum().item()
+            count += target.numel()
+        count = max(count, 1)
+        return {"kl_vs_base": kl_sum / count, "ppl": float(torch.tensor(nll_a / count).exp()),
+                "ppl_base": float(torch.tensor(nll_b / count).exp())}
+
+    def respond_base(self, prompts: list[str]) -> list[str]:
+        key = self.policy_key
+        self.policy_key = sha256_json([key, "base"])[:16]
+        try:
+            return self.respond(prompts, desc=f"{self.name}: base answers")
+        finally:
+            self.policy_key = key
+
+    def plane(self, probes_by_attack: dict[str, list]) -> dict | None:
+        if self.dirs is None or self.plane_layer is None:
+            return None
+        from harc.directions import prompt_projections
+
+        pts = {}
+        for name, probes in probes_by_attack.items():
+            plain = [p for p in probes if p.prefill is None and p.steer is None]
+            if plain:
+                proj = prompt_projections(self.model, self.chat, [p.prompt for p in plain],
+                                          self.dirs, [self.plane_layer], self.cfg.batch_size)
+                pts[name] = proj[:, 0].tolist()
+        return {"layer": self.plane_layer, "points": pts}
+
+    # the whole run -------------------------------------------------------------------------------
+    def run(self, data: dict) -> dict:
+        """`data`: {"harmful": [records], "over_refusal": {name: [prompts]}, "benign": [prompts],
+        "capability": [items]} as loaded by `load_eval_data`."""
+        t0 = time.time()
+        attacks, probes_by_attack, examples = {}, {}, []
+        for spec in self.cfg.attacks:
+            name, rec, probes = self.run_attack(spec, data["harmful"])
+            attacks[name] = rec
+            probes_by_attack[name] = probes
+        mean_names = self.cfg.mean_attacks or [a for a in attacks if a != "direct"] or list(attacks)
+        missing = [a for a in mean_names if a not in attacks]
+        if missing:
+            raise HarcError(f"eval.mean_attacks names attacks that were not run: {missing}")
+        for name, probes in probes_by_attack.items():
+            responses = self.respond([p.prompt for p in probes[:2]], [p.prefill for p in probes[:2]],
+                                     probes[0].steer if probes else None)
+            for p, r in zip(probes[:2], responses):
+                examples.append({"attack": name, "prompt": p.prompt, "response": r})
+        run = {
+            "name": self.name, "model": model_identity(self.model)["model"],
+            "adapter": self.adapter, "filter": getattr(self.filter, "name", None),
+            "attacks": attacks,
+            "mean_asr": sum(attacks[a]["asr"] for a in mean_names) / len(mean_names),
+            "mean_asr_attacks": mean_names,
+            "over_refusal": {n: self.refusal_rate(p, f"{self.name}: {n}")
+                             for n, p in data["over_refusal"].items()},
+            "benign_refusal": self.refusal_rate(data["benign"], f"{self.name}: benign"),
+            "examples": examples,
+        }
+        cap = {}
+        if data.get("capability"):
+            cap["items"] = self.capability(data["capability"])
+        cap.update(self.kl_and_ppl(data["benign"]))
+        if cap:
+            run["capability"] = cap
+        if self.cfg.plane:
+            plane = self.plane(probes_by_attack)
+            if plane:
+                run["plane"] = plane
+        run["wall_s"] = time.time() - t0
+        return run
+
+
+def _adapter_hash(adapter: str | None) -> str | None:
+    if not adapter:
+        return None
+    from harc.io import sha256_file
+
+    files = sorted(Path(adapter).glob("adapter_model*.safetensors"))
+    return sha256_file(files[0]) if files else adapter
+
+
+def load_eval_data(cfg: EvalConfig) -> dict:
+    """Load every set an EvalConfig names, trimmed to its sizes."""
+    from harc.data import load
+
+    harmful = load(cfg.harmful, limit=cfg.n_harmful)
+    harmful = [{"prompt": r["prompt"], "category": r.get("category")} for r in harmful]
+    data = {
+        "harmful": harmful,
+        "over_refusal": {n: [r["prompt"] for r in load(n, limit=cfg.n_over_refusal)]
+                         for n in cfg.over_refusal},
+        "benign": [r["prompt"] for r in load(cfg.benign, limit=cfg.n_benign)],
+        "capability": load(cfg.capability, limit=cfg.n_capability) if cfg.capability else [],
+    }
+    for name, items in [("harmful", data["harmful"]), ("benign", data["benign"])]:
+        if not items:
+            raise HarcError(f"the {name} evaluation set is empty")
+    return data
+
+
+def eval_config_from_dict(d: dict | None) -> EvalConfig:
+    from harc.attacks.base import build_config
+
+    return build_config(EvalConfig, dict(d or {}), "eval")
+
+
+def environment() -> dict:
+    import platform
+
+    import transformers
+
+    from harc import __version__
+
+    env = {"harc": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version(), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if torch.cuda.is_available():
+        env["card"] = torch.cuda.get_device_name(0)
+    else:
+        env["card"] = f"CPU ({platform.processor() or platform.machine()})"
+    return env
+
+
+def config_record(cfg: EvalConfig) -> dict:
+    return asdict(cfg)
+
