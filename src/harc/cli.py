@@ -237,6 +237,189 @@ def _print_geometry(geo: dict) -> None:
     out.print(table)
 
 
+Overrides = Annotated[list[str] | None, typer.Argument(help="config overrides key=value (dots for nesting)")]
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML training config")],
+    overrides: Overrides = None,
+):
+    """Train a HARC adapter (resumes from the last checkpoint in its output folder)."""
+    from harc.train import train_command
+
+    _quiet_transformers()
+    train_command(str(config), overrides or [])
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="run config: training keys + eval: + run: sections")] = Path("configs/smollm2_135m.yaml"),
+    overrides: Overrides = None,
+):
+    """The whole loop: extract, diagnose, evaluate the base, train, evaluate HARC, report."""
+    from harc.pipeline import load_run_config, run_pipeline
+
+    rc = load_run_config(config, overrides or [])
+    _quiet_transformers()
+    bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console)
+
+    def progress(desc: str, total: int):
+        task = bars.add_task(desc, total=total)
+        return lambda n=1: bars.advance(task, n)
+
+    with bars:
+        paths = run_pipeline(rc, log=lambda m: console.print(f"[bold cyan]harc[/]: {m}"),
+                             progress=progress)
+    out.print(f"report: {paths['html']}")
+
+
+@app.command("eval")
+def eval_(
+    model: ModelOpt = "smollm2-135m-instruct",
+    adapter: Annotated[list[Path] | None, typer.Option(help="adapter folder to compare with the base (repeatable)")] = None,
+    input_filter: Annotated[list[str] | None, typer.Option("--filter", help="input filter policy: keyword or latent (repeatable)")] = None,
+    directions: Annotated[Path | None, typer.Option(help="directions for ablation, plane and latent filter")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="YAML with EvalConfig keys (or an eval: section)")] = None,
+    out_dir: Annotated[Path, typer.Option("--out")] = Path("runs/eval"),
+    overrides: Overrides = None,
+    raw_template: Annotated[str | None, typer.Option()] = None,
+    system_prompt: Annotated[str | None, typer.Option()] = None,
+    device: str | None = None,
+    dtype: str | None = None,
+):
+    """Evaluate the model, each adapter and each filter: attack success, over-refusal, capability."""
+    import yaml
+
+    from harc.directions import Directions
+    from harc.evaluate import Evaluator, GenerationCache, environment, eval_config_from_dict, load_eval_data
+    from harc.filters import KeywordFilter, LatentFilter, check_filter_name
+    from harc.io import atomic_write_json
+    from harc.models import load_adapter
+
+    raw = {}
+    if config:
+        if not config.is_file():
+            raise HarcError(f"config file not found: {config}")
+        raw = yaml.safe_load(config.read_text()) or {}
+        raw = raw.get("eval", raw) if isinstance(raw, dict) else raw
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise HarcError(f"override {item!r} must look like key=value")
+        raw[key.removeprefix("eval.")] = yaml.safe_load(value)
+    cfg = eval_config_from_dict(raw)
+    for f in input_filter or []:
+        check_filter_name(f)
+    data = load_eval_data(cfg)
+    m, tok = _load(model, device, dtype)
+    chat = _chat(tok, raw_template, system_prompt)
+    dirs = Directions.load(directions, m) if directions else None
+    layer = None
+    if dirs is not None:
+        from harc.layers import select_layers
+
+        sel = select_layers(dirs, 4)
+        layer = sel[len(sel) // 2]
+    if "latent" in (input_filter or []) and dirs is None:
+        raise HarcError("the latent filter needs --directions")
+
+    def progress(desc: str, total: int):
+        task = bars.add_task(desc, total=total)
+        return lambda n=1: bars.advance(task, n)
+
+    def make_filter(name, model_):
+        if name == "keyword":
+            return KeywordFilter()
+        held = json.loads((directions.parent / "heldout.json").read_text())
+        return LatentFilter.calibrate(model_, chat, dirs, layer, held["harmful"], held["harmless"])
+
+    policies = [("base", m, None, None)] + [(f"base+{f}", m, None, f) for f in input_filter or []]
+    runs = []
+    bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console)
+    with bars:
+        for name, mod, adp, f in policies:
+            runs.append(Evaluator(mod, chat, cfg, name=name, adapter=adp, dirs=dirs, plane_layer=layer,
+                                  input_filter=make_filter(f, mod) if f else None,
+                                  cache=GenerationCache(out_dir / f"{name}.generations.jsonl"),
+                                  progress=progress).run(data))
+        for path in adapter or []:
+            peft_model = load_adapter(m, path)
+            name = f"adapter:{path.name}" if len(adapter) > 1 else "harc"
+            for f in [None, *(input_filter or [])]:
+                label = name if f is None else f"{name}+{f}"
+                runs.append(Evaluator(peft_model, chat, cfg, name=label, adapter=str(path), dirs=dirs,
+                                      plane_layer=layer, input_filter=make_filter(f, peft_model) if f else None,
+                                      cache=GenerationCache(out_dir / f"{label.replace(':', '_')}.generations.jsonl"),
+                                      progress=progress).run(data))
+            m = peft_model.unload()
+    from dataclasses import asdict
+
+    results = {"title": f"evaluation of {model}", "config": {"eval": asdict(cfg)},
+               "environment": environment(), "judges": {"primary": cfg.judge}, "runs": runs}
+    atomic_write_json(out_dir / "results.json", results)
+    _print_runs(runs)
+    out.print(f"results -> {out_dir / 'results.json'}; `harc report {out_dir / 'results.json'}` renders it")
+
+
+def _print_runs(runs: list[dict]) -> None:
+    table = Table(title="attack success (lower is better) and false refusals")
+    table.add_column("policy")
+    table.add_column("mean ASR", justify="right")
+    for name in runs[0]["attacks"]:
+        table.add_column(name, justify="right")
+    table.add_column("over-refusal", justify="right")
+    table.add_column("benign refusal", justify="right")
+    for r in runs:
+        over = [v["rate"] for v in r["over_refusal"].values()]
+        table.add_row(r["name"], f"{r['mean_asr']:.2f}", *(f"{a['asr']:.2f}" for a in r["attacks"].values()),
+                      f"{sum(over) / len(over):.2f}" if over else "-", f"{r['benign_refusal']['rate']:.2f}")
+    out.print(table)
+
+
+@app.command()
+def report(
+    results: Annotated[Path, typer.Argument(help="results.json from `harc eval` or `harc run`")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="default: beside results.json")] = None,
+):
+    """Render results.json as one self-contained HTML page and a Markdown file."""
+    from harc.report import write_report
+
+    paths = write_report(results, out_dir or results.parent)
+    out.print(f"report: {paths['html']} and {paths['md']}")
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Option(help="adapter folder")],
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for the merged model")],
+    model: ModelOpt = "smollm2-135m-instruct",
+    device: str | None = None,
+    dtype: str | None = None,
+):
+    """Merge an adapter into its base model and check merged against adapter logits."""
+    from harc.export import merge_adapter
+
+    _quiet_transformers()
+    diff = merge_adapter(model, adapter, out_dir, device=device, dtype=dtype)
+    out.print(f"merged -> {out_dir} (max |logit diff| vs adapter {diff:.3g})")
+
+
+@app.command()
+def export(
+    adapter: Annotated[Path, typer.Argument(help="adapter folder from `harc train`")],
+    directions: Annotated[Path | None, typer.Option(help="directions to ship with it")] = None,
+    results: Annotated[Path | None, typer.Option(help="results.json whose table goes into the model card")] = None,
+):
+    """Complete an adapter folder with its directions and a model card (README.md)."""
+    from harc.export import export_adapter
+
+    export_adapter(adapter, directions, results)
+    out.print(f"model card -> {adapter / 'README.md'}")
+
+
 def _mount(module: str, name: str, help_text: str) -> None:
     """Attach a sub-app defined next to its concept (e.g. harc.data.cli)."""
     try:

@@ -340,16 +340,17 @@ def load_adapter(model, adapter_dir: str | Path, *, trainable: bool = False):
 
 
 @torch.no_grad()
-def merge_and_check(peft_model, input_ids: torch.Tensor, *, atol: float | None = None):
+def merge_and_check(peft_model, inputs: list[torch.Tensor], *, atol: float | None = None):
     """Merge the adapter into the base and return (merged_model, max |logit difference|).
 
-    Raises if merged and adapter logits disagree beyond a bf16-scale tolerance.
+    `inputs` are [1, T] token-id tensors. Raises if merged and adapter logits disagree beyond a
+    bf16-scale tolerance (merging rounds the LoRA product into the base weights' dtype).
     """
     peft_model.eval()
-    before = peft_model(input_ids=input_ids).logits.float()
+    before = [peft_model(input_ids=ids).logits.float() for ids in inputs]
     merged = peft_model.merge_and_unload()
-    after = merged(input_ids=input_ids).logits.float()
-    diff = (before - after).abs().max().item()
+    diff = max((b - merged(input_ids=ids).logits.float()).abs().max().item()
+               for b, ids in zip(before, inputs))
     dtype = next(merged.parameters()).dtype
     tol = atol if atol is not None else (0.25 if dtype in (torch.bfloat16, torch.float16) else 1e-3)
     if not diff <= tol:
