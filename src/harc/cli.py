@@ -314,7 +314,7 @@ def eval_(
         check_filter_name(f)
     data = load_eval_data(cfg)
     m, tok = _load(model, device, dtype)
-    chat = _chat(tok, raw_template, system_prompt)
+    chat = _chat(tok, raw_template, system_prompt, cfg.max_prompt_tokens)
     dirs = Directions.load(directions, m) if directions else None
     layer = None
     if dirs is not None:

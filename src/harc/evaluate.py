@@ -43,6 +43,8 @@ class EvalConfig:
     benign / n_benign: plain benign instructions (should stay answered).
     capability / n_capability: verifiable items {"prompt", "answer", "check"}; None to skip.
     max_new_tokens, batch_size: generation settings (greedy decoding).
+    max_prompt_tokens: longer prompts are cut from the left inside the user turn; jailbreak
+    templates are long, so this is far above the training limit.
     judge: primary judge; attack success = its verdict says not refused (or harmful, if it grades).
     mean_attacks: attacks averaged into mean ASR (default: every attack except "direct").
     plane: place each attack family on the harmfulness-refusal plane (needs directions).
@@ -58,6 +60,7 @@ class EvalConfig:
     capability: str | None = "harc-capability"
     n_capability: int = 60
     max_new_tokens: int = 128
+    max_prompt_tokens: int = 2048
     batch_size: int = 16
     judge: str = "refusal_string"
     mean_attacks: list[str] | None = None
@@ -65,7 +68,7 @@ class EvalConfig:
 
     def check(self) -> None:
         for key in ("n_harmful", "n_over_refusal", "n_benign", "n_capability", "max_new_tokens",
-                    "batch_size"):
+                    "max_prompt_tokens", "batch_size"):
             if getattr(self, key) <= 0:
                 raise HarcError(f"eval.{key} must be positive, got {getattr(self, key)}")
 

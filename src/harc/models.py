@@ -132,7 +132,9 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    # GGUF kernels dequantise in float32; the clean copy below takes the target dtype.
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained: rebuild it from a clean config.
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):

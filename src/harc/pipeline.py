@@ -96,7 +96,7 @@ def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
             sections[head][tail] = yaml.safe_load(value)
         else:
             rest.append(item)
-    train = config_from_raw(raw, base, rest)
+    train = config_from_raw(raw, base, rest, require_data=False)
     ev = eval_config_from_dict(sections["eval"])
     run = build_config(RunSettings, sections["run"], "run")
     return RunConfig(train, ev, run, Path(train.output_dir))
@@ -254,6 +254,10 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
         "capability": load(ev.capability, limit=ev.n_capability) if ev.capability else [],
     }
 
+    eval_chat = ChatFormat(tok, system_prompt=cfg.system_prompt, raw_template=cfg.raw_template,
+                           max_prompt_tokens=ev.max_prompt_tokens,
+                           max_response_tokens=cfg.max_response_tokens)
+
     def evaluate(name, m, adapter=None, input_filter=None):
         stage = Stage(root / "eval", name, [asdict(ev), extract.hash, adapter and _mtime(adapter),
                                             getattr(input_filter, "name", None),
@@ -263,7 +267,7 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
             return json.loads(result_path.read_text())
         log(f"evaluating {name}")
         cache = GenerationCache(stage.dir / "generations.jsonl")
-        res = Evaluator(m, chat, ev, name=name, adapter=adapter, input_filter=input_filter,
+        res = Evaluator(m, eval_chat, ev, name=name, adapter=adapter, input_filter=input_filter,
                         dirs=dirs, plane_layer=plane_layer, cache=cache,
                         progress=progress).run(eval_data)
         atomic_write_json(result_path, res)
@@ -273,7 +277,7 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
     t0 = time.time()
     runs = [evaluate("base", model)]
     for f in rs.filters:
-        runs.append(evaluate(f"base+{f}", model, input_filter=_filter(f, model, chat, dirs,
+        runs.append(evaluate(f"base+{f}", model, input_filter=_filter(f, model, eval_chat, dirs,
                                                                         plane_layer, val_h, val_b)))
     timings["eval_base"] = time.time() - t0
 
@@ -281,9 +285,16 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
     t0 = time.time()
     cfg.output_dir = str(root / "train")
     cfg.directions = str(dirs_path)
-    train_data = {"harmful": triples, "harmless": helpful,
-                  "pseudo": _jsonl(synth.dir / "pseudo.jsonl"),
-                  "val_harmful": val_h, "val_harmless": val_b}
+    # Training data: the config's own sets when it names them (e.g. Circuit-Breakers for a paper
+    # reproduction), else the on-policy synthetic sets. Never a jailbreak-wrapped prompt.
+    from harc.train import load_records
+
+    train_data = {
+        "harmful": load_records(cfg.data.harmful, cfg.data.harmful_n) if cfg.data.harmful else triples,
+        "harmless": load_records(cfg.data.harmless, cfg.data.harmless_n) if cfg.data.harmless else helpful,
+        "pseudo": (load_records(cfg.data.pseudo, cfg.data.pseudo_n) if cfg.data.pseudo
+                   else _jsonl(synth.dir / "pseudo.jsonl")),
+        "val_harmful": val_h, "val_harmless": val_b}
     if not train_data["pseudo"]:
         train_data.pop("pseudo")
         cfg.batch.pseudo = 0
@@ -306,7 +317,7 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
     runs.append(evaluate("harc", peft_model, adapter=str(adapter_dir)))
     for f in rs.filters:
         runs.append(evaluate(f"harc+{f}", peft_model, str(adapter_dir),
-                             _filter(f, peft_model, chat, dirs, plane_layer, val_h, val_b)))
+                             _filter(f, peft_model, eval_chat, dirs, plane_layer, val_h, val_b)))
     timings["eval_harc"] = time.time() - t0
 
     # geometry after training: directions re-extracted with the adapter on.
