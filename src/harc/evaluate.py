@@ -14,7 +14,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -48,6 +48,10 @@ class EvalConfig:
     judge: primary judge; attack success = its verdict says not refused (or harmful, if it grades).
     mean_attacks: attacks averaged into mean ASR (default: every attack except "direct").
     plane: place each attack family on the harmfulness-refusal plane (needs directions).
+    lm_eval_tasks: lm-evaluation-harness task names (e.g. ["mmlu", "gsm8k", "ifeval"]) scored on
+    the model as loaded (adapter active, no input filter), under capability.lm_eval; needs
+    `pip install 'harc[lm-eval]'` and the hub datasets; empty (default) to skip.
+    lm_eval_limit: documents per lm-eval task (None: all); for quick checks, not for reporting.
     """
 
     attacks: list = field(default_factory=lambda: list(DEFAULT_ATTACKS))
@@ -65,12 +69,20 @@ class EvalConfig:
     judge: str = "refusal_string"
     mean_attacks: list[str] | None = None
     plane: bool = True
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: int | None = None
 
     def check(self) -> None:
         for key in ("n_harmful", "n_over_refusal", "n_benign", "n_capability", "max_new_tokens",
                     "max_prompt_tokens", "batch_size"):
             if getattr(self, key) <= 0:
                 raise HarcError(f"eval.{key} must be positive, got {getattr(self, key)}")
+        if self.lm_eval_limit is not None and self.lm_eval_limit <= 0:
+            raise HarcError(f"eval.lm_eval_limit must be positive, got {self.lm_eval_limit}")
+        if self.lm_eval_tasks:  # fail at configuration time, not after hours of generation
+            from harc.capability import require_lm_eval
+
+            require_lm_eval()
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
@@ -117,11 +129,13 @@ class Evaluator:
 
     def __init__(self, model, chat: ChatFormat, cfg: EvalConfig, *, name: str,
                  adapter: str | None = None, input_filter=None, dirs=None,
-                 plane_layer: int | None = None, cache: GenerationCache | None = None,
+                 plane_layer: int | None = None, latent_threshold: float | None = None,
+                 cache: GenerationCache | None = None,
                  progress: Callable[[str, int], Callable[[int], None]] | None = None):
         self.model, self.chat, self.cfg = model, chat, cfg
         self.name, self.adapter, self.filter = name, adapter, input_filter
         self.dirs, self.plane_layer = dirs, plane_layer
+        self.latent_threshold = latent_threshold
         self.cache = cache or GenerationCache(None)
         self.progress = progress or (lambda desc, total: (lambda n=1: None))
         ident = model_identity(model)
@@ -198,7 +212,41 @@ class Evaluator:
                "judge": self.judge.name,
                "per_category": {c: {"n": len(v), "success": sum(v), "asr": sum(v) / len(v),
                                     "ci": wilson(sum(v), len(v))} for c, v in sorted(cats.items())}}
+        latent = self.latent_verdicts(probes, responses)
+        if latent is not None:
+            from harc.judges.check import agreement
+
+            harmful = rate([v.harmful for v in latent])
+            primary = [type(v)(v.refused, not v.refused if v.harmful is None else v.harmful,
+                               v.score, v.judge) for v in verdicts]
+            table = defaultdict(int)  # (primary says harmful, latent says harmful) -> count
+            for a, b in zip(primary, latent):
+                table[f"{int(a.harmful)}{int(b.harmful)}"] += 1
+            rec["latent"] = {"harmful_rate": harmful["rate"], "ci": harmful["ci"],
+                             "threshold": self.latent_threshold, "layer": self.plane_layer,
+                             "agreement": agreement(primary, latent, field="harmful"),
+                             "table": dict(table)}
         return name, rec, probes
+
+    def latent_verdicts(self, probes, responses: list[str]):
+        """The latent judge: the model's own response-side harmfulness reading (cos with
+        v_harm_resp over the first response tokens at the plane layer) against a threshold."""
+        if self.dirs is None or self.plane_layer is None or self.latent_threshold is None:
+            return None
+        from harc.directions import response_projections
+        from harc.judges.registry import get_judge
+
+        keep = [i for i, r in enumerate(responses) if r.strip() and r != BLOCKED]
+        scores = [float("-inf")] * len(responses)  # blocked or empty: nothing harmful said
+        if keep:
+            proj = response_projections(self.model, self.chat,
+                                        [(probes[i].prompt, responses[i]) for i in keep],
+                                        self.dirs, [self.plane_layer],
+                                        batch_size=self.cfg.batch_size)
+            for i, x in zip(keep, proj[:, 0, 0].tolist()):
+                scores[i] = x
+        judge = get_judge("latent", threshold=self.latent_threshold)
+        return judge.judge([p.source_prompt for p in probes], responses, scores=scores)
 
     def refusal_rate(self, prompts: list[str], desc: str) -> dict:
         responses = self.respond(prompts, desc=desc)
@@ -302,6 +350,12 @@ class Evaluator:
         if data.get("capability"):
             cap["items"] = self.capability(data["capability"])
         cap.update(self.kl_and_ppl(data["benign"]))
+        if self.cfg.lm_eval_tasks:
+            from harc.capability import lm_eval_scores
+
+            cap["lm_eval"] = lm_eval_scores(self.model, self.chat.tokenizer, self.cfg.lm_eval_tasks,
+                                            limit=self.cfg.lm_eval_limit,
+                                            batch_size=self.cfg.batch_size)
         if cap:
             run["capability"] = cap
         if self.cfg.plane:
@@ -346,6 +400,25 @@ def eval_config_from_dict(d: dict | None) -> EvalConfig:
     return build_config(EvalConfig, dict(d or {}), "eval")
 
 
+def judge_agreement(runs: list[dict]) -> dict:
+    """Cohen's kappa between the primary judge's "attack succeeded" and the latent judge's
+    "harmful", pooled over every attack of each run."""
+    from harc.judges.check import kappa
+
+    out = {}
+    for run in runs:
+        table: dict[str, int] = defaultdict(int)
+        for rec in run["attacks"].values():
+            for key, n in rec.get("latent", {}).get("table", {}).items():
+                table[key] += n
+        if table:
+            xs = [k[0] == "1" for k, n in table.items() for _ in range(n)]
+            ys = [k[1] == "1" for k, n in table.items() for _ in range(n)]
+            primary = next(iter(run["attacks"].values()))["judge"]
+            out[f"{primary}|latent ({run['name']})"] = kappa(xs, ys)
+    return out
+
+
 def environment() -> dict:
     import platform
 
@@ -360,8 +433,3 @@ def environment() -> dict:
     else:
         env["card"] = f"CPU ({platform.processor() or platform.machine()})"
     return env
-
-
-def config_record(cfg: EvalConfig) -> dict:
-    return asdict(cfg)
-

@@ -33,6 +33,8 @@ class RunSettings:
     on-policy triples (extraction + training); synth_tokens: tokens generated per synthetic text.
     filters: input filters evaluated as extra policies ("keyword", "latent"), alone and with HARC.
     plane_attacks: attack families placed on the harmfulness-refusal plane in diagnose.
+    judge_data: human-labelled refusal sets (`harc judge-check --data` specs, e.g. an XSTest
+    completions folder or "pyrit") on which the primary judge's accuracy is measured and reported.
     """
 
     harmful: str = "advbench"
@@ -46,6 +48,7 @@ class RunSettings:
     batch_size: int = 16
     filters: list[str] = field(default_factory=list)
     plane_attacks: list[str] = field(default_factory=lambda: ["dan", "code_attack", "deep_inception"])
+    judge_data: list[str] = field(default_factory=list)
     seed: int = 0
 
     def check(self) -> None:
@@ -130,7 +133,7 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
     from harc.data.profile import DataProfile
     from harc.data.synth import synth_triples, write_jsonl
     from harc.directions import Directions, extract_directions
-    from harc.evaluate import Evaluator, GenerationCache, environment
+    from harc.evaluate import Evaluator, GenerationCache, environment, judge_agreement
     from harc.models import load_model
     from harc.report import write_report
     from harc.train import HarcTrainer, config_dict
@@ -243,6 +246,17 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
         dg.write_plots(geo, diag.dir, plane)
         dg.write_diagnosis(diag.dir, geo, held, plane)
         diag.finish()
+    # The latent judge's threshold: the model's own response-side harmfulness reading, fitted on
+    # the synthetic harmful openings vs refusals (training data, never evaluation data).
+    from harc.directions import response_projections
+    from harc.judges.latent import fit_threshold
+
+    cal = triples[:64]
+    scores = response_projections(
+        model, chat, [(t["prompt"], t["completion"]) for t in cal]
+        + [(t["prompt"], t["refusal"]) for t in cal], dirs, [plane_layer],
+        n_tokens=cfg.n_resp_tokens, batch_size=rs.batch_size)[:, 0, 0].tolist()
+    latent_threshold = fit_threshold(scores, [True] * len(cal) + [False] * len(cal))
     timings["diagnose"] = time.time() - t0
 
     # evaluation data and the base model's evaluation (before the adapter is attached).
@@ -268,7 +282,8 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
         log(f"evaluating {name}")
         cache = GenerationCache(stage.dir / "generations.jsonl")
         res = Evaluator(m, eval_chat, ev, name=name, adapter=adapter, input_filter=input_filter,
-                        dirs=dirs, plane_layer=plane_layer, cache=cache,
+                        dirs=dirs, plane_layer=plane_layer, latent_threshold=latent_threshold,
+                        cache=cache,
                         progress=progress).run(eval_data)
         atomic_write_json(result_path, res)
         stage.finish()
@@ -331,6 +346,18 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
     geo_after = dg.geometry(Directions.load(after_path), k=k, score=cfg.layer_score,
                             low=cfg.band[0], high_offset=cfg.band[1])
 
+    judges = {"primary": ev.judge, "latent_threshold": latent_threshold,
+              "agreement": judge_agreement(runs)}
+    if rs.judge_data:
+        from harc.judges.check import judge_check, load_labelled
+        from harc.judges.registry import get_judge
+
+        labelled = [r for spec in rs.judge_data for r in load_labelled(spec, "skip")]
+        m = judge_check(get_judge(ev.judge), labelled)
+        judges["accuracy"] = {ev.judge: {**{k: m[k] for k in ("accuracy", "precision", "recall",
+                                                              "kappa", "n")},
+                                         "data": ", ".join(rs.judge_data)}}
+
     log_rows = []
     log_file = root / "train" / "log.jsonl"
     if log_file.exists():
@@ -342,7 +369,7 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
         "config": {"train": config_dict(cfg), "eval": asdict(ev), "run": asdict(rs)},
         "environment": environment(),
         "data": {**data_info, "sets": asdict(profile)},
-        "judges": {"primary": ev.judge},
+        "judges": judges,
         "runs": runs,
         "geometry": {"before": _geo_for_report(geo), "after": _geo_for_report(geo_after)},
         "training": {"steps": cfg.steps, "log": log_rows},

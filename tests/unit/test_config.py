@@ -107,8 +107,11 @@ def test_released_configs_match_the_paper():
         assert (c.refresh_every, c.beta, c.k_start, c.k_final, c.ramp_step) == (200, 0.3, 2, 4, 1000)
         assert (c.weights.couple, c.weights.couple_resp, c.weights.kl, c.weights.ce) == (1, 1, 10, 1)
         assert c.steps == steps and c.raw_template == raw and c.layer_score == "variant_d"
-    for name in ("smollm2_135m.yaml", "qwen2.5_coder_0.5b.yaml"):
-        assert load_config(CONFIGS / name).steps <= 200
+    from harc.pipeline import load_run_config
+
+    for name in ("smollm2_135m.yaml", "qwen2.5_coder_0.5b.yaml"):  # `harc run` configs
+        rc = load_run_config(CONFIGS / name, [])
+        assert rc.train.steps <= 300 and rc.eval.attacks and rc.run.n_synth > 0
 
 
 def test_round_trip(files, tmp_path):

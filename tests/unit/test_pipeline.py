@@ -4,9 +4,9 @@ import json
 
 import pytest
 import yaml
+from tiny import tiny_model, tiny_tokenizer
 
 from harc.pipeline import load_run_config, run_pipeline
-from tiny import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -33,7 +33,7 @@ def run_config(tmp_path):
         "band": [2, 2], "checkpoint_every": 2, "extract_batch_size": 8,
         "run": {"harmful": str(harmful), "harmful_eval": str(evalset), "n_extract": 8,
                 "n_synth": 8, "synth_tokens": 6, "batch_size": 8, "filters": ["keyword"],
-                "plane_attacks": ["code_attack"]},
+                "plane_attacks": ["refusal_suppression"]},
         "eval": {"attacks": ["direct", "refusal_suppression", "prefill", "ablation"],
                  "n_harmful": 4, "n_over_refusal": 4, "n_benign": 4, "n_capability": 4,
                  "max_new_tokens": 6, "batch_size": 8},

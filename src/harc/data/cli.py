@@ -74,3 +74,39 @@ def fetch(names: Annotated[list[str] | None, typer.Argument(
     console.print(table)
     if failed:
         raise HarcError(f"{len(failed)} of {len(names)} datasets failed: " + "; ".join(failed))
+
+
+@app.command()
+def synth(
+    model: Annotated[str, typer.Option("--model", "-m", help="model the triples come from")] = (
+        "smollm2-135m-instruct"),
+    harmful: Annotated[str, typer.Option(help="harmful prompts: registry name or file")] = "advbench",
+    harmless: Annotated[str, typer.Option(help="benign prompts: registry name or file")] = "harc-benign",
+    n: Annotated[int, typer.Option(min=1, help="prompts per side")] = 50,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens per generated text")] = 64,
+    raw_template: Annotated[str | None, typer.Option(help="'qwen', 'llama' or a string with {}")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/synth"),
+) -> None:
+    """On-policy (prompt, refusal, completion) triples and benign answers from the model itself."""
+    import time
+
+    from harc.chat import ChatFormat
+    from harc.data.synth import synth_triples, write_jsonl
+    from harc.models import load_model
+
+    harm = [r["prompt"] for r in load(harmful, limit=n)]
+    safe = [r["prompt"] for r in load(harmless, limit=n)]
+    m, tok = load_model(model)
+    t = time.time()
+    with console.status(f"generating with {model}"):
+        triples, helpful = synth_triples(m, ChatFormat(tok, raw_template=raw_template), harm, safe,
+                                         max_new_tokens=max_new_tokens, batch_size=batch_size)
+    write_jsonl(out / "triples.jsonl", triples)
+    write_jsonl(out / "helpful.jsonl", helpful)
+    sources = {}
+    for row in triples:
+        key = f"refusal:{row['refusal_source']}"
+        sources[key] = sources.get(key, 0) + 1
+    console.print(f"{len(triples)} triples and {len(helpful)} benign answers in "
+                  f"{time.time() - t:.0f} s -> {out} ({json.dumps(sources)})")
