@@ -14,6 +14,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,9 @@ DEFAULT_ATTACKS = ("direct", "dan", "aim", "refusal_suppression", "prefix_inject
 class EvalConfig:
     """What an evaluation runs.
 
-    attacks: attack names, or {"name": ..., **params} records (see `harc attacks`).
+    attacks: attack names, or {"name": ..., **params} records; PAIR and PAP take an attacker as
+    `attacker: self` (the evaluated model without its adapter), `attacker: MODEL_SPEC` (a local
+    model) or `endpoint` + `model` (an OpenAI-compatible server).
     harmful / n_harmful: harmful requests (registry name or file) and how many.
     over_refusal / n_over_refusal: pseudo-harmful benign sets; a refusal there is a false refusal.
     benign / n_benign: plain benign instructions (should stay answered).
@@ -187,6 +190,8 @@ class Evaluator:
 
         name, params = (spec, {}) if isinstance(spec, str) else (
             spec["name"], {k: v for k, v in spec.items() if k != "name"})
+        if isinstance(params.get("attacker"), str):
+            params["attacker"] = self._local_attacker(params["attacker"])
         attack = get_attack(name, **params)
         if getattr(attack, "iterative", False):
             probes = attack.run(requests, self._target, self.judge)
@@ -227,6 +232,24 @@ class Evaluator:
                              "agreement": agreement(primary, latent, field="harmful"),
                              "table": dict(table)}
         return name, rec, probes
+
+    def _local_attacker(self, spec: str) -> Callable[[list[str]], list[str]]:
+        """A local attacker model for PAIR / PAP: "self" (the evaluated model, with any adapter
+        disabled) or any model spec `load_model` takes; greedy, 256 new tokens."""
+        if spec == "self":
+            model, chat = self.model, self.chat
+            disable = getattr(model, "disable_adapter", None)
+        else:
+            from harc.models import load_model
+
+            model, tok = load_model(spec)
+            chat, disable = ChatFormat(tok, max_prompt_tokens=self.cfg.max_prompt_tokens), None
+
+        def attacker(prompts: list[str]) -> list[str]:
+            with disable() if disable else nullcontext():
+                return generate(model, chat, prompts, max_new_tokens=256,
+                                batch_size=self.cfg.batch_size)
+        return attacker
 
     def latent_verdicts(self, probes, responses: list[str]):
         """The latent judge: the model's own response-side harmfulness reading (cos with
