@@ -249,8 +249,6 @@ def decoder_layers(model) -> nn.ModuleList:
         obj = base
         for attr in path.split("."):
             obj = getattr(obj, attr, None)
-            if obj is None:
-                break
         if isinstance(obj, nn.ModuleList):
             return obj
     n = getattr(base.config, "num_hidden_layers", None)
@@ -258,19 +256,6 @@ def decoder_layers(model) -> nn.ModuleList:
         if isinstance(mod, nn.ModuleList) and len(mod) == n:
             return mod
     raise HarcError(f"cannot find the decoder blocks of {type(base).__name__}")
-
-
-def final_norm(model) -> nn.Module | None:
-    base = unwrap(model)
-    for path in ("model.norm", "gpt_neox.final_layer_norm", "transformer.ln_f"):
-        obj = base
-        for attr in path.split("."):
-            obj = getattr(obj, attr, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.Module):
-            return obj
-    return None
 
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

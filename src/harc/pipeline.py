@@ -75,21 +75,9 @@ def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
 
     from harc.attacks.base import build_config
     from harc.evaluate import eval_config_from_dict
-    from harc.train import config_from_raw
+    from harc.train import config_from_raw, read_yaml_config
 
-    raw: dict = {}
-    base = None
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise HarcError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise HarcError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(raw, dict):
-            raise HarcError(f"{p} must hold a mapping of config keys")
-        base = p.parent.resolve()
+    raw, base = read_yaml_config(path) if path is not None else ({}, None)
     sections = {"eval": dict(raw.pop("eval", None) or {}), "run": dict(raw.pop("run", None) or {})}
     rest = []
     for item in overrides:

@@ -389,26 +389,28 @@ def _check_registered(name: str, key: str) -> None:
         raise HarcError(f"config key {key!r}: {e}") from e
 
 
+def read_yaml_config(path: str | Path) -> tuple[dict, Path]:
+    """A YAML config file as a mapping, and its folder (relative paths resolve against it)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise HarcError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise HarcError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(raw, dict):
+        raise HarcError(f"{path} must hold a mapping of config keys")
+    return raw, path.parent.resolve()
+
+
 def load_config(yaml_path: str | Path | None, overrides: Sequence[str] = ()) -> HarcConfig:
     """Read a YAML config, apply `key=value` overrides (dots for nesting) and validate.
 
     Everything is checked before any model is loaded: unknown keys, types, ranges and data files.
     """
-    import yaml
-
-    raw: dict = {}
-    base = None
-    if yaml_path is not None:
-        path = Path(yaml_path)
-        if not path.is_file():
-            raise HarcError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise HarcError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(raw, dict):
-            raise HarcError(f"{path} must hold a mapping of config keys")
-        base = path.parent.resolve()
+    raw, base = read_yaml_config(yaml_path) if yaml_path is not None else ({}, None)
     return config_from_raw(raw, base, overrides)
 
 
