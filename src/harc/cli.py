@@ -35,7 +35,12 @@ def progress_bar(description: str, total: int):
 
 
 def _quiet_transformers() -> None:
+    import warnings
+
     import transformers
+
+    # PEFT still calls a transformers property that transformers 5 deprecates; nothing to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -154,6 +154,11 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
     chat = ChatFormat(tok, system_prompt=cfg.system_prompt, raw_template=cfg.raw_template,
                       max_prompt_tokens=cfg.max_prompt_tokens,
                       max_response_tokens=cfg.max_response_tokens)
+    # Jailbreak templates are long: evaluation and the plane see them whole, not cut to the
+    # training limit.
+    eval_chat = ChatFormat(tok, system_prompt=cfg.system_prompt, raw_template=cfg.raw_template,
+                           max_prompt_tokens=ev.max_prompt_tokens,
+                           max_response_tokens=cfg.max_response_tokens)
 
     # synth: on-policy (prompt, refusal, completion) triples and benign answers.
     t0 = time.time()
@@ -230,7 +235,8 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
             plane_sets[name] = [p.prompt for p in get_attack(name).apply(
                 [{"prompt": p} for p in val_h])]
         plane = {"layer": plane_layer,
-                 "points": dg.plane_points(model, chat, dirs, plane_sets, plane_layer, rs.batch_size)}
+                 "points": dg.plane_points(model, eval_chat, dirs, plane_sets, plane_layer,
+                                           rs.batch_size)}
         dg.write_plots(geo, diag.dir, plane)
         dg.write_diagnosis(diag.dir, geo, held, plane)
         diag.finish()
@@ -255,10 +261,6 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
         "benign": [r["prompt"] for r in sets["harmless_validate"]][: ev.n_benign],
         "capability": load(ev.capability, limit=ev.n_capability) if ev.capability else [],
     }
-
-    eval_chat = ChatFormat(tok, system_prompt=cfg.system_prompt, raw_template=cfg.raw_template,
-                           max_prompt_tokens=ev.max_prompt_tokens,
-                           max_response_tokens=cfg.max_response_tokens)
 
     def evaluate(name, m, adapter=None, input_filter=None):
         stage = Stage(root / "eval", name, [asdict(ev), extract.hash, adapter and _mtime(adapter),
