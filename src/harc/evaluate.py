@@ -51,6 +51,8 @@ class EvalConfig:
     judge: primary judge; attack success = its verdict says not refused (or harmful, if it grades).
     mean_attacks: attacks averaged into mean ASR (default: every attack except "direct").
     plane: place each attack family on the harmfulness-refusal plane (needs directions).
+    latent_judge: also judge every response by the model's own response-side harmfulness
+    projection and report its agreement with the primary judge (one more forward per response).
     lm_eval_tasks: lm-evaluation-harness task names (e.g. ["mmlu", "gsm8k", "ifeval"]) scored on
     the model as loaded (adapter active, no input filter), under capability.lm_eval; needs
     `pip install 'harc[lm-eval]'` and the hub datasets; empty (default) to skip.
@@ -72,6 +74,7 @@ class EvalConfig:
     judge: str = "refusal_string"
     mean_attacks: list[str] | None = None
     plane: bool = True
+    latent_judge: bool = True
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = None
 
@@ -254,7 +257,8 @@ class Evaluator:
     def latent_verdicts(self, probes, responses: list[str]):
         """The latent judge: the model's own response-side harmfulness reading (cos with
         v_harm_resp over the first response tokens at the plane layer) against a threshold."""
-        if self.dirs is None or self.plane_layer is None or self.latent_threshold is None:
+        if (not self.cfg.latent_judge or self.dirs is None or self.plane_layer is None
+                or self.latent_threshold is None):
             return None
         from harc.directions import response_projections
         from harc.judges.registry import get_judge
