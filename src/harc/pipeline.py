@@ -300,6 +300,10 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
         "pseudo": (load_records(cfg.data.pseudo, cfg.data.pseudo_n) if cfg.data.pseudo
                    else _jsonl(synth.dir / "pseudo.jsonl")),
         "val_harmful": val_h, "val_harmless": val_b}
+    # Record what was trained on (the adapter's config and model card show it).
+    cfg.data.harmful = cfg.data.harmful or str(synth.dir / "triples.jsonl")
+    cfg.data.harmless = cfg.data.harmless or str(synth.dir / "helpful.jsonl")
+    cfg.data.pseudo = cfg.data.pseudo or str(synth.dir / "pseudo.jsonl")
     if not train_data["pseudo"]:
         train_data.pop("pseudo")
         cfg.batch.pseudo = 0
@@ -366,6 +370,9 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
         "timings_s": timings,
     }
     atomic_write_json(root / "results.json", results)
+    from harc.export import export_adapter
+
+    export_adapter(adapter_dir, dirs_path, results)
     return write_report(results, root / "report")
 
 

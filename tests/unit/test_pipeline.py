@@ -55,7 +55,11 @@ def test_run_pipeline_end_to_end_then_resumes_without_redoing_stages(run_config)
     assert "kl_vs_base" in results["runs"][2]["capability"]
     assert results["geometry"]["after"]["selected_layers"]
     assert paths["html"].exists() and paths["md"].exists()
-    assert (out / "train" / "adapter" / "adapter_model.safetensors").exists()
+    adapter = out / "train" / "adapter"
+    assert (adapter / "adapter_model.safetensors").exists()
+    assert (adapter / "directions.safetensors").exists()
+    card = (adapter / "README.md").read_text()
+    assert "## Evaluation" in card and "triples.jsonl" in card
 
     stamps = {p: p.stat().st_mtime for p in out.rglob("stage.json")}
     run_pipeline(load_run_config(path, [f"output_dir={out}"]), log=lambda m: None)
