@@ -256,7 +256,8 @@ class HarcConfig:
             n = getattr(self.data, f"{k}_n")
             need(n is None or n > 0, f"data.{k}_n", "must be positive or null")
         if require_data:  # `harc run` synthesises what the config leaves out
-            need(self.data.harmful is not None, "data.harmful", "is required (harmful triples)")
+            need(self.data.harmful is not None, "data.harmful",
+                 "is required (harmful triples; `harc run` synthesises them from the model)")
             need(self.data.harmless is not None, "data.harmless", "is required (harmless pairs)")
             need(self.batch.pseudo == 0 or self.data.pseudo is not None, "data.pseudo",
                  "is required while batch.pseudo > 0 (or set batch.pseudo=0)")
@@ -411,6 +412,9 @@ def load_config(yaml_path: str | Path | None, overrides: Sequence[str] = ()) -> 
     Everything is checked before any model is loaded: unknown keys, types, ranges and data files.
     """
     raw, base = read_yaml_config(yaml_path) if yaml_path is not None else ({}, None)
+    # A `harc run` config may be trained alone: its eval/run sections belong to the pipeline.
+    raw.pop("eval", None)
+    raw.pop("run", None)
     return config_from_raw(raw, base, overrides)
 
 
