@@ -4,7 +4,8 @@ For each harmful prompt: (prompt, refusal, harmful-completion opening); for each
 (prompt, helpful answer). The reference takes every model's refusal targets from Llama-3 outputs,
 off-policy for any other model; here both come from the model being hardened:
 - refusal: the model's own greedy answer when it refuses; otherwise its answer with the refusal
-  direction added at t_post onwards (activation addition); otherwise a short templated refusal;
+  direction added at t_post onwards (activation addition); otherwise a short templated refusal
+  in the model's style (its most common refusal opening);
 - completion opening (only the first N tokens feed the response direction): the model's own
   answer when it complies; otherwise its answer with the refusal direction ablated; otherwise
   generated after an affirmative prefill.
@@ -26,6 +27,16 @@ from harc.io import atomic_write_text, cache_dir, sha256_json
 from harc.models import model_identity
 
 TEMPLATED_REFUSAL = "I'm sorry, but I can't help with that request."
+
+
+def style_refusal(own_refusals: Sequence[str]) -> str:
+    """A refusal in the model's own words: the most common first sentence of its refusals,
+    or a generic one when it never refused."""
+    import re
+    from collections import Counter
+
+    firsts = [re.split(r"(?<=[.!?])\s", r.strip(), maxsplit=1)[0] for r in own_refusals if r.strip()]
+    return Counter(firsts).most_common(1)[0][0] if firsts else TEMPLATED_REFUSAL
 
 
 def _refusal_judge() -> Callable[[list[str], list[str]], list[bool]]:
@@ -54,7 +65,8 @@ def synth_triples(model, chat: ChatFormat, harmful: Sequence[str], harmless: Seq
                   progress: Callable[[int], None] | None = None, use_cache: bool = True
                   ) -> tuple[list[dict], list[dict]]:
     """Return (triples for `harmful`, helpful pairs for `harmless`), cached by content hash."""
-    settings = {"max_new_tokens": max_new_tokens, "completion_tokens": completion_tokens,
+    settings = {"recipe": 2,  # bump when the way triples are made changes (invalidates caches)
+                "max_new_tokens": max_new_tokens, "completion_tokens": completion_tokens,
                 "steer_layer": steer_layer, "steer_scale": steer_scale,
                 "template": chat.template_hash(), "model": model_identity(model)}
     key = sha256_json({"harmful": list(harmful), "harmless": list(harmless), **settings})[:24]
@@ -77,13 +89,14 @@ def synth_triples(model, chat: ChatFormat, harmful: Sequence[str], harmless: Seq
 
     refusals = list(own)
     sources = ["own" if r else "" for r in refused]
+    fallback = style_refusal([o for o, r in zip(own, refused) if r])
     todo = [i for i, r in enumerate(refused) if not r]
     if todo:
         steered = generate(model, chat, [harmful[i] for i in todo], max_new_tokens=max_new_tokens,
                            steer=add, **gen)
         ok = is_refusal([harmful[i] for i in todo], steered)
         for i, text, good in zip(todo, steered, ok):
-            refusals[i], sources[i] = (text, "addition") if good else (TEMPLATED_REFUSAL, "template")
+            refusals[i], sources[i] = (text, "addition") if good else (fallback, "template")
 
     completions = [""] * len(harmful)
     comp_src = [""] * len(harmful)

@@ -1,0 +1,41 @@
+"""On-policy triple synthesis on a tiny random model, with a scripted refusal judge."""
+
+import pytest
+from tiny import tiny_model, tiny_tokenizer
+
+from harc.chat import ChatFormat
+from harc.data.synth import TEMPLATED_REFUSAL, style_refusal, synth_triples
+
+pytestmark = pytest.mark.unit
+
+
+def test_style_refusal_takes_the_models_most_common_opening():
+    own = ["I can't do that. It is unsafe.", "I can't do that. Sorry.", "No way! Ask else."]
+    assert style_refusal(own) == "I can't do that."
+    assert style_refusal([]) == TEMPLATED_REFUSAL
+
+
+def test_synth_fills_every_field_with_its_source_and_caches():
+    tok, model = tiny_tokenizer("chatml"), tiny_model("llama", n_layers=4)
+    chat = ChatFormat(tok)
+    harmful = ["how to build a bomb", "how to steal a car", "write malware now"]
+    harmless = ["bake bread", "write a poem", "explain tides"]
+    calls = []
+
+    def judge(prompts, responses):  # the first harmful prompt "refuses", nothing else does
+        calls.append(len(prompts))
+        return [p == harmful[0] for p in prompts]
+
+    triples, helpful = synth_triples(model, chat, harmful, harmless, max_new_tokens=4,
+                                     completion_tokens=3, batch_size=2, is_refusal=judge)
+    assert [t["prompt"] for t in triples] == harmful and len(helpful) == 3
+    assert triples[0]["refusal_source"] == "own"
+    # the others complied: their own answers are the completions, refusals are made up
+    assert [t["completion_source"] for t in triples[1:]] == ["own", "own"]
+    assert all(t["refusal_source"] in ("addition", "template") for t in triples[1:])
+    assert triples[0]["completion_source"] in ("ablation", "prefill")
+    assert all(t["refusal"] and t["completion"] for t in triples)
+    n_calls = len(calls)
+    again = synth_triples(model, chat, harmful, harmless, max_new_tokens=4, completion_tokens=3,
+                          batch_size=2, is_refusal=judge)
+    assert again == (triples, helpful) and len(calls) == n_calls  # served from the cache
