@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit
 def test_style_refusal_takes_the_models_most_common_opening():
     own = ["I can't do that. It is unsafe.", "I can't do that. Sorry.", "No way! Ask else."]
     assert style_refusal(own) == "I can't do that."
-    assert style_refusal([]) == TEMPLATED_REFUSAL
+    assert style_refusal([]) == style_refusal(own[:2]) == TEMPLATED_REFUSAL
 
 
 def test_synth_fills_every_field_with_its_source_and_caches():

@@ -30,13 +30,13 @@ TEMPLATED_REFUSAL = "I'm sorry, but I can't help with that request."
 
 
 def style_refusal(own_refusals: Sequence[str]) -> str:
-    """A refusal in the model's own words: the most common first sentence of its refusals,
-    or a generic one when it never refused."""
+    """A refusal in the model's own words: the most common first sentence of its refusals, or a
+    generic one when it refused fewer than three times (one odd refusal is no style)."""
     import re
     from collections import Counter
 
     firsts = [re.split(r"(?<=[.!?])\s", r.strip(), maxsplit=1)[0] for r in own_refusals if r.strip()]
-    return Counter(firsts).most_common(1)[0][0] if firsts else TEMPLATED_REFUSAL
+    return Counter(firsts).most_common(1)[0][0] if len(firsts) >= 3 else TEMPLATED_REFUSAL
 
 
 def _refusal_judge() -> Callable[[list[str], list[str]], list[bool]]:
