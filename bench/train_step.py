@@ -3,6 +3,7 @@
     python bench/train_step.py --arch qwen2-7b [--tokenizer Qwen2.5-7B-Instruct.gguf]  # GPU
     python bench/train_step.py --arch tiny                                          # CPU, seconds
     python bench/train_step.py --model smollm2-135m-instruct --lens 96-160           # CPU
+    python bench/train_step.py --arch qwen2-7b --variants peft,fused,compiled        # ablation
 
 What is timed is `harc.train.micro_step`, the trainer's own code: 6 harmful + 4 harmless + 2 pseudo
 rows, LoRA r32/a64 on the seven projections, prompt + response coupling on K=4 layers, KL retain
@@ -23,6 +24,7 @@ backward), N_kl = the same positions of the base for KL. `floor_fraction` = floo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -34,10 +36,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import harc.train  # noqa: E402
 from harc.chat import ChatFormat, PairEncoding  # noqa: E402
 from harc.directions import Directions  # noqa: E402
 from harc.models import attach_lora, decoder_layers, unwrap  # noqa: E402
 from harc.train import Example, collate, micro_step, set_checkpointing  # noqa: E402
+
+FUSED = harc.train.fused_lora
+KEEP = contextlib.ExitStack()  # holds the compiled blocks until the process ends
 
 ARCHS = {
     "qwen2-7b": dict(num_hidden_layers=28, hidden_size=3584, intermediate_size=18944,
@@ -142,7 +148,7 @@ def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times, real, padded, floors = [], [], [], []
+    times, real, padded, floors, warm = [], [], [], [], []
     try:
         for i in range(args.warmup + args.n):
             mb = rows.batch().to(device)
@@ -157,7 +163,9 @@ def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool) -> dict:
             dt = time.perf_counter() - t0
             for p in model.parameters():
                 p.grad = None
-            if i >= args.warmup:
+            if i < args.warmup:  # includes any torch.compile time
+                warm.append(dt)
+            else:
                 times.append(dt)
                 real.append(mb.n_real)
                 padded.append(mb.n_padded)
@@ -174,7 +182,7 @@ def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool) -> dict:
         "tokens_per_s": round(statistics.mean(real) / med, 1),
         "padded_tokens_per_s": round(statistics.mean(padded) / med, 1),
         "real_tokens": round(statistics.mean(real)), "padded_tokens": round(statistics.mean(padded)),
-        "last_loss": round(loss, 4),
+        "last_loss": round(loss, 4), "warmup_s": [round(t, 2) for t in warm],
         "times_s": [round(t, 3) for t in times],
     }
     if cuda:  # the floor assumes a GPU's bf16 peak; on CPU it means nothing
@@ -231,6 +239,17 @@ def sync_debug(model, rows: Rows, dirs, layers, args, device: str) -> None:
         print(f"sync x{n}: {k}", file=sys.stderr)
 
 
+def set_variant(model, variant: str) -> None:
+    """peft: PEFT's own LoRA forward (the baseline); fused: harc's (what the trainer runs);
+    compiled: fused, with the decoder blocks compiled as under `compile: true` (last: it keeps
+    them compiled)."""
+    harc.train.fused_lora = contextlib.nullcontext if variant == "peft" else FUSED
+    if variant == "compiled":
+        KEEP.enter_context(harc.train.compiled_blocks(model))  # the trainer's `compile: true`
+    elif variant not in ("peft", "fused"):
+        raise SystemExit(f"unknown variant {variant!r}")
+
+
 class _null:
     def __enter__(self):
         return None
@@ -255,6 +274,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--chunk", type=int, default=1024, help="LM-head chunk (positions)")
     ap.add_argument("--peak-tflops", type=float, default=700.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default="fused",
+                    help="comma-separated, in order: peft, fused, compiled (see set_variant)")
     ap.add_argument("--sync-debug", action="store_true",
                     help="list where one micro-step synchronises host and GPU (stderr)")
     ap.add_argument("--profile", action="store_true",
@@ -279,9 +300,11 @@ def main(argv=None) -> dict:
     lo, hi = (int(x) for x in args.lens.split("-"))
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
     results = []
-    for ckpt in modes:
-        rows = Rows(tok, vocab, lo, hi, args.seed)  # same rows for each mode
-        results.append(run(model, rows, dirs, layers, args, device, ckpt))
+    for variant in args.variants.split(","):
+        set_variant(model, variant)
+        for ckpt in modes:
+            rows = Rows(tok, vocab, lo, hi, args.seed)  # same rows for each variant and mode
+            results.append({"variant": variant, **run(model, rows, dirs, layers, args, device, ckpt)})
     if args.sync_debug and device.startswith("cuda"):
         sync_debug(model, Rows(tok, vocab, lo, hi, args.seed), dirs, layers, args, device)
     if args.profile:

@@ -90,9 +90,9 @@ def generate(model, chat: ChatFormat, prompts: Sequence[str], *, max_new_tokens:
                for p, f in zip(prompts, prefills)]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     dev = next(model.parameters()).device
-    eos = {t for t in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None))
-           if t is not None}
-    eos_ids = sorted({e for t in eos for e in (t if isinstance(t, list) else [t])})
+    # generation_config.eos_token_id is a list for Llama-3.1 / Qwen2.5-Instruct
+    eos = (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None))
+    eos_ids = sorted({e for t in eos if t is not None for e in (t if isinstance(t, list) else [t])})
     out: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         idx = order[start: start + batch_size]
@@ -100,6 +100,7 @@ def generate(model, chat: ChatFormat, prompts: Sequence[str], *, max_new_tokens:
         with steering(model, steer):
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=False, temperature=None, top_p=None, top_k=None,
+                                 repetition_penalty=1.0,  # plain greedy (Qwen2.5 ships 1.05)
                                  eos_token_id=eos_ids, pad_token_id=tok.pad_token_id)
         for row, i in enumerate(idx):
             text = tok.decode(gen[row, ids.shape[1]:], skip_special_tokens=True)

@@ -27,9 +27,13 @@ class RunSettings:
 
     harmful / harmful_eval / harmless / pseudo: registry names or files of the data profile;
     the evaluation harmful set is held out and everything else is de-duplicated against it.
+    harmful / harmless (the extraction prompts, also the source of synthesised triples) default
+    to the training config's `data.extract_harmful` / `data.extract_harmless`, else advbench /
+    harc-benign; n_extract defaults to `data.extract_n`.
     over_refusal_eval: extra over-refusal sets for evaluation (e.g. an XSTest path); the held-out
     half of `pseudo` is always evaluated.
-    n_extract: prompts per side for the prompt directions; n_synth: harmful prompts given
+    n_extract: prompts per side for the prompt directions (null: `data.extract_n`); n_synth:
+    harmful prompts given
     on-policy triples (extraction + training); synth_tokens: tokens generated per synthetic text.
     filters: input filters evaluated as extra policies ("keyword", "latent"), alone and with HARC.
     plane_attacks: attack families placed on the harmfulness-refusal plane in diagnose.
@@ -37,12 +41,12 @@ class RunSettings:
     completions folder or "pyrit") on which the primary judge's accuracy is measured and reported.
     """
 
-    harmful: str = "advbench"
+    harmful: str | None = None
     harmful_eval: str = "harmbench"
-    harmless: str = "harc-benign"
+    harmless: str | None = None
     pseudo: str = "harc-pseudo-harmful"
     over_refusal_eval: list[str] = field(default_factory=list)
-    n_extract: int = 100
+    n_extract: int | None = None
     n_synth: int = 200
     synth_tokens: int = 48
     batch_size: int = 16
@@ -53,7 +57,7 @@ class RunSettings:
 
     def check(self) -> None:
         for key in ("n_extract", "n_synth", "synth_tokens", "batch_size"):
-            if getattr(self, key) <= 0:
+            if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise HarcError(f"run.{key} must be positive, got {getattr(self, key)}")
         from harc.filters import check_filter_name
 
@@ -90,6 +94,12 @@ def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
     train = config_from_raw(raw, base, rest, require_data=False)
     ev = eval_config_from_dict(sections["eval"])
     run = build_config(RunSettings, sections["run"], "run")
+    # A paper config names its extraction sets and size in `data:`; `run:` may override them.
+    run.harmful = run.harmful or train.data.extract_harmful or "advbench"
+    run.harmless = run.harmless or train.data.extract_harmless or "harc-benign"
+    run.n_extract = run.n_extract or train.data.extract_n
+    if not train.data.val_n:
+        raise HarcError("config key 'data.val_n': harc run needs held-out prompts (got 0)")
     return RunConfig(train, ev, run, Path(train.output_dir))
 
 
@@ -198,20 +208,31 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
     n_ext = min(rs.n_extract, len(sets["harmful_extract"]), len(sets["harmless_extract"]))
     ext_h = [r["prompt"] for r in sets["harmful_extract"][:n_ext]]
     ext_b = [r["prompt"] for r in sets["harmless_extract"][:n_ext]]
-    extract = Stage(root, "extract", [synth.hash, ext_h, ext_b, cfg.n_boot, cfg.n_resp_tokens])
+    # Training sets the config names (e.g. Circuit-Breakers for a paper reproduction) also give
+    # the response-side directions, as in the reference; else the on-policy synthetic sets.
+    from harc.train import load_records
+
+    cfg_harm = load_records(cfg.data.harmful, cfg.data.harmful_n) if cfg.data.harmful else None
+    cfg_safe = load_records(cfg.data.harmless, cfg.data.harmless_n) if cfg.data.harmless else None
+    resp_h = cfg_harm[: cfg.data.extract_n] if cfg_harm else triples
+    resp_b = cfg_safe[: cfg.data.extract_n] if cfg_safe else helpful
+    extract = Stage(root, "extract", [synth.hash, ext_h, ext_b, cfg.n_boot, cfg.n_resp_tokens,
+                                      cfg.data.harmful, cfg.data.harmless, cfg.data.extract_n])
     dirs_path = extract.dir / "directions.safetensors"
-    pairs_args = dict(harmful_completions=[(t["prompt"], t["completion"]) for t in triples],
-                      refusals=[(t["prompt"], t["refusal"]) for t in triples],
-                      helpful=[(p["prompt"], p["response"]) for p in helpful],
+    pairs_args = dict(harmful_completions=[(t["prompt"], t["completion"]) for t in resp_h],
+                      refusals=[(t["prompt"], t["refusal"]) for t in resp_h],
+                      helpful=[(p["prompt"], p["response"]) for p in resp_b],
                       n_resp_tokens=cfg.n_resp_tokens, batch_size=rs.batch_size)
     if not extract.done():
         log("extracting the four directions")
-        total = len(ext_h) + len(ext_b) + 2 * len(triples) + len(helpful)
+        total = len(ext_h) + len(ext_b) + 2 * len(resp_h) + len(resp_b)
         dirs = extract_directions(model, chat, harmful=ext_h, harmless=ext_b, n_boot=cfg.n_boot,
                                   seed=cfg.seed, progress=progress("extract", total),
                                   provenance={"datasets": asdict(profile)}, **pairs_args)
         dirs.save(dirs_path)
-        extract.finish()
+        extract.finish({"prompts": {"harmful": rs.harmful, "harmless": rs.harmless, "n": n_ext},
+                        "response_pairs": {"harmful": cfg.data.harmful or "synthesised",
+                                           "harmless": cfg.data.harmless or "synthesised"}})
     dirs = Directions.load(dirs_path, model)
     timings["extract"] = time.time() - t0
 
@@ -219,8 +240,8 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
     t0 = time.time()
     k = cfg.k_final
     geo = dg.geometry(dirs, k=k, score=cfg.layer_score, low=cfg.band[0], high_offset=cfg.band[1])
-    val_h = [r["prompt"] for r in sets["harmful_validate"]][:100]
-    val_b = [r["prompt"] for r in sets["harmless_validate"]][:100]
+    val_h = [r["prompt"] for r in sets["harmful_validate"]][: cfg.data.val_n]
+    val_b = [r["prompt"] for r in sets["harmless_validate"]][: cfg.data.val_n]
     diag = Stage(root, "diagnose", [extract.hash, k, cfg.layer_score, cfg.band, val_h, val_b,
                                     rs.plane_attacks])
     layers = geo["selected_layers"]
@@ -290,13 +311,11 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
     t0 = time.time()
     cfg.output_dir = str(root / "train")
     cfg.directions = str(dirs_path)
-    # Training data: the config's own sets when it names them (e.g. Circuit-Breakers for a paper
-    # reproduction), else the on-policy synthetic sets. Never a jailbreak-wrapped prompt.
-    from harc.train import load_records
-
+    # Training data: the config's own sets when it names them, else the on-policy synthetic
+    # sets. Never a jailbreak-wrapped prompt.
     train_data = {
-        "harmful": load_records(cfg.data.harmful, cfg.data.harmful_n) if cfg.data.harmful else triples,
-        "harmless": load_records(cfg.data.harmless, cfg.data.harmless_n) if cfg.data.harmless else helpful,
+        "harmful": cfg_harm or triples,
+        "harmless": cfg_safe or helpful,
         "pseudo": (load_records(cfg.data.pseudo, cfg.data.pseudo_n) if cfg.data.pseudo
                    else _jsonl(synth.dir / "pseudo.jsonl")),
         "val_harmful": val_h, "val_harmless": val_b}

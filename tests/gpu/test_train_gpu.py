@@ -51,7 +51,35 @@ def test_short_cuda_run_with_checkpointing(tmp_path=None):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+def test_fused_lora_and_compiled_blocks_match_peft_in_bf16(tmp_path=None):
+    import contextlib
+
+    import harc.train as ht
+
+    tr = _trainer(Path(tmp_path or tempfile.mkdtemp()))
+    perturb_lora(tr.model)
+    tr.model.train()
+    mb = collate(tr.micro_batch_examples(0), tr.chat.tail_len, 0).to("cuda")
+    dirs, fused, out = tr.dirs.to("cuda"), ht.fused_lora, []
+    for variant in ("peft", "fused", "compiled"):
+        ht.fused_lora = contextlib.nullcontext if variant == "peft" else fused
+        try:
+            with ht.compiled_blocks(tr.model, variant == "compiled"):
+                for p in tr.params:
+                    p.grad = None
+                terms, _ = micro_step(tr.model, mb, dirs, tr.layers, margin=0.5,
+                                      backward_scale=1.0)
+        finally:
+            ht.fused_lora = fused
+        out.append((sum(terms.values()), [p.grad.float().clone() for p in tr.params]))
+    for loss, grads in out[1:]:
+        torch.testing.assert_close(loss, out[0][0], atol=2e-2, rtol=1e-2)
+        for a, b in zip(grads, out[0][1], strict=True):
+            torch.testing.assert_close(a, b, atol=2e-2, rtol=5e-2)
+
+
 if __name__ == "__main__":  # for machines without pytest
     test_bf16_checkpointing_matches_and_lora_stays_float32()
     test_short_cuda_run_with_checkpointing()
+    test_fused_lora_and_compiled_blocks_match_peft_in_bf16()
     print("gpu tests passed")

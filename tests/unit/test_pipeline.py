@@ -31,7 +31,8 @@ def run_config(tmp_path):
         "max_prompt_tokens": 96, "max_response_tokens": 16, "n_resp_tokens": 8,
         "refresh_every": 2, "n_boot": 5, "k_start": 1, "k_final": 2, "ramp_step": 2,
         "band": [2, 2], "checkpoint_every": 2, "extract_batch_size": 8,
-        "run": {"harmful": str(harmful), "harmful_eval": str(evalset), "n_extract": 8,
+        "data": {"extract_harmful": str(harmful), "extract_n": 8, "val_n": 20},
+        "run": {"harmful_eval": str(evalset),
                 "n_synth": 8, "synth_tokens": 6, "batch_size": 8, "filters": ["keyword"],
                 "plane_attacks": ["refusal_suppression"]},
         "eval": {"attacks": ["direct", "refusal_suppression", "prefill", "ablation"],
@@ -60,6 +61,9 @@ def test_run_pipeline_end_to_end_then_resumes_without_redoing_stages(run_config)
     assert (adapter / "directions.safetensors").exists()
     card = (adapter / "README.md").read_text()
     assert "## Evaluation" in card and "triples.jsonl" in card
+    ext = json.loads((out / "extract" / "stage.json").read_text())
+    assert ext["prompts"]["harmful"].endswith("harmful.jsonl") and 1 <= ext["prompts"]["n"] <= 8
+    assert ext["response_pairs"] == {"harmful": "synthesised", "harmless": "synthesised"}
 
     stamps = {p: p.stat().st_mtime for p in out.rglob("stage.json")}
     run_pipeline(load_run_config(path, [f"output_dir={out}"]), log=lambda m: None)
@@ -76,3 +80,17 @@ def test_run_config_errors_name_the_key(run_config):
         load_run_config(path, ["run.nonsense=1"])
     with pytest.raises(HarcError, match="filter"):
         load_run_config(path, ["run.filters=[magic]"])
+
+
+def test_extraction_sets_come_from_the_config_unless_run_overrides(run_config):
+    from harc.errors import HarcError
+
+    path, out = run_config
+    rc = load_run_config(path, [])
+    assert rc.run.harmful.endswith("harmful.jsonl") and rc.run.n_extract == 8
+    assert rc.run.harmless == "harc-benign"
+    rc = load_run_config(path, ["run.harmful=advbench", "run.n_extract=5",
+                                "data.extract_harmless=alpaca"])
+    assert (rc.run.harmful, rc.run.n_extract, rc.run.harmless) == ("advbench", 5, "alpaca")
+    with pytest.raises(HarcError, match="val_n"):
+        load_run_config(path, ["data.val_n=0"])

@@ -343,3 +343,23 @@ def test_directions_from_another_template_are_refused(tmp_path):
     cfg = make_config(tmp_path, refresh_every=0, raw_template="qwen")
     with pytest.raises(HarcError, match="another chat template"):
         HarcTrainer(cfg, tiny_model(), tiny_tokenizer(), make_data(), directions=tr.base_dirs)
+
+
+def test_compile_wraps_every_block_while_training_only(tmp_path, monkeypatch):
+    wrapped, calls = [], []
+
+    def fake_compile(fn, **kw):
+        wrapped.append(kw)
+
+        def run(*a, **k):
+            calls.append(1)
+            return fn(*a, **k)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    tr = make_trainer(tmp_path, compile=True, steps=1, refresh_every=0)
+    blocks = decoder_layers(tr.model)
+    tr.train()
+    assert len(wrapped) == len(blocks) and all(kw == {"dynamic": True} for kw in wrapped)
+    assert len(calls) >= 2 * len(blocks)  # adapted forward of both micro-batches went through it
+    assert not any("forward" in vars(b) for b in blocks)  # restored after training

@@ -1,0 +1,79 @@
+"""The fused LoRA projection (`harc.models.fused_lora`) against PEFT's own forward and backward."""
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from harc.models import attach_lora, fused_lora
+
+pytestmark = pytest.mark.unit
+
+
+def lora_model(arch="qwen2", dropout=0.0):
+    model = attach_lora(tiny_model(arch), r=4, alpha=16, dropout=dropout)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # PEFT starts B at zero, which would hide a wrong B path
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.train()
+
+
+def loss_and_grads(model, ids, fused: bool):
+    for p in model.parameters():
+        p.grad = None
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with fused_lora(model) if fused else torch.enable_grad():
+        out = model(inputs_embeds=emb).logits
+        loss = (out.float() ** 2).mean()
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach(), grads, emb.grad.clone()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])  # qwen2 projections have biases
+def test_fused_matches_peft_forward_and_backward(arch):
+    model = lora_model(arch)
+    ids = torch.randint(3, 400, (2, 9))
+    ref, ref_g, ref_x = loss_and_grads(model, ids, fused=False)
+    out, g, gx = loss_and_grads(model, ids, fused=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, ref_x, atol=1e-6, rtol=1e-4)
+    assert set(g) == set(ref_g) and all(ref_g[n].abs().sum() > 0 for n in ref_g)
+    for n in ref_g:
+        torch.testing.assert_close(g[n], ref_g[n], atol=1e-6, rtol=1e-4)
+
+
+def test_fused_is_scoped_and_used():
+    from peft.tuners.lora.layer import Linear
+
+    model = lora_model()
+    calls = []
+    orig = torch.Tensor.addmm_
+    layers = [m for m in model.modules() if type(m) is Linear]
+    assert layers
+    with fused_lora(model):
+        assert all(type(m) is not Linear for m in layers)
+        torch.Tensor.addmm_ = lambda self, *a, **k: calls.append(1) or orig(self, *a, **k)
+        try:
+            model(input_ids=torch.tensor([[5, 6, 7]]))
+        finally:
+            torch.Tensor.addmm_ = orig
+    assert len(calls) == len(layers)
+    assert all(type(m) is Linear for m in layers)
+
+
+def test_disabled_adapter_and_dropout_fall_back_to_peft():
+    model = lora_model()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=ids).logits
+        with fused_lora(model):
+            assert torch.equal(model(input_ids=ids).logits, base)
+    drop = lora_model(dropout=0.5)  # training mode: the fused path has no dropout to apply
+    with torch.no_grad():
+        torch.manual_seed(0)
+        ref = drop(input_ids=ids).logits
+        with fused_lora(drop):
+            torch.manual_seed(0)
+            torch.testing.assert_close(drop(input_ids=ids).logits, ref)
