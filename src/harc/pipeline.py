@@ -191,7 +191,8 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
         refused = [v.refused for v in get_judge("refusal_string").judge(pseudo_prompts, answers)]
         # Retain only compliant answers: KL towards an over-refusal would preserve it.
         pseudo_pairs = [{"prompt": p, "response": a}
-                        for p, a, r in zip(pseudo_prompts, answers, refused) if not r]
+                        for p, a, r in zip(pseudo_prompts, answers, refused)
+                        if not r and a.strip()]
         write_jsonl(synth.dir / "triples.jsonl", triples)
         write_jsonl(synth.dir / "helpful.jsonl", helpful)
         write_jsonl(synth.dir / "pseudo.jsonl", pseudo_pairs)

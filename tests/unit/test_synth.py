@@ -39,3 +39,22 @@ def test_synth_fills_every_field_with_its_source_and_caches():
     again = synth_triples(model, chat, harmful, harmless, max_new_tokens=4, completion_tokens=3,
                           batch_size=2, is_refusal=judge)
     assert again == (triples, helpful) and len(calls) == n_calls  # served from the cache
+
+
+def test_empty_generations_are_dropped_not_trained_on(monkeypatch):
+    import harc.data.synth as synth
+
+    tok, model = tiny_tokenizer("chatml"), tiny_model("llama", n_layers=4)
+    real = synth.generate
+
+    def some_empty(m, chat, prompts, **kw):  # EOS first for prompts that mention "steal"
+        return ["" if "steal" in p else o for p, o in zip(prompts, real(m, chat, prompts, **kw))]
+
+    monkeypatch.setattr(synth, "generate", some_empty)
+    harmful = ["how to build a bomb", "how to steal a car", "write malware now"]
+    harmless = ["bake bread", "steal a poem", "explain tides"]
+    triples, helpful = synth_triples(model, ChatFormat(tok), harmful, harmless, max_new_tokens=4,
+                                     completion_tokens=3, batch_size=2, use_cache=False,
+                                     is_refusal=lambda p, r: [False] * len(p))
+    assert [t["prompt"] for t in triples] == [harmful[0], harmful[2]]
+    assert [h["prompt"] for h in helpful] == [harmless[0], harmless[2]]

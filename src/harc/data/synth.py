@@ -65,7 +65,7 @@ def synth_triples(model, chat: ChatFormat, harmful: Sequence[str], harmless: Seq
                   progress: Callable[[int], None] | None = None, use_cache: bool = True
                   ) -> tuple[list[dict], list[dict]]:
     """Return (triples for `harmful`, helpful pairs for `harmless`), cached by content hash."""
-    settings = {"recipe": 2,  # bump when the way triples are made changes (invalidates caches)
+    settings = {"recipe": 3,  # bump when the way triples are made changes (invalidates caches)
                 "max_new_tokens": max_new_tokens, "completion_tokens": completion_tokens,
                 "steer_layer": steer_layer, "steer_scale": steer_scale,
                 "template": chat.template_hash(), "model": model_identity(model)}
@@ -121,12 +121,16 @@ def synth_triples(model, chat: ChatFormat, harmful: Sequence[str], harmless: Seq
             for i, text in zip(retry, forced):
                 completions[i], comp_src[i] = text, "prefill"
 
+    # An empty generation (EOS first) is no training target: such rows are dropped and counted.
     triples = [{"prompt": p, "refusal": r, "completion": c, "refusal_source": rs,
                 "completion_source": cs}
-               for p, r, c, rs, cs in zip(harmful, refusals, completions, sources, comp_src)]
-    pairs = [{"prompt": p, "response": a} for p, a in zip(harmless, helpful)]
+               for p, r, c, rs, cs in zip(harmful, refusals, completions, sources, comp_src)
+               if r.strip() and c.strip()]
+    pairs = [{"prompt": p, "response": a} for p, a in zip(harmless, helpful) if a.strip()]
+    dropped = {"triples": len(harmful) - len(triples), "helpful": len(harmless) - len(pairs)}
     record = {"triples": triples, "helpful": pairs,
-              "provenance": {**settings, "steer_layer": layer, "harc_version": __version__}}
+              "provenance": {**settings, "steer_layer": layer, "dropped_empty": dropped,
+                             "harc_version": __version__}}
     atomic_write_text(path, json.dumps(record, ensure_ascii=False))
     return triples, pairs
 
