@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harc import __version__
+from harc._config import scalar
 from harc.activations import ResidualCapture, masked_mean
 from harc.chat import ChatFormat, PairEncoding, left_pad
 from harc.directions import NAMES, Directions, extract_directions, prompt_projections
@@ -305,23 +306,10 @@ def _coerce(key: str, value: Any, hint) -> Any:
         if not isinstance(value, Mapping):
             raise HarcError(f"config key {key!r} must be a mapping of {_field_names(hint)}")
         return _build(hint, value, f"{key}.")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                return float(value)  # YAML 1.1 reads "1e-4" as a string
+    if hint in (bool, int, float):
+        ok, parsed = scalar(value, hint)
+        if ok:
+            return parsed
     elif hint is str:
         if isinstance(value, str):
             return value

@@ -118,3 +118,15 @@ def test_round_trip(files, tmp_path):
     cfg = load_config(files, ["lora.r=4"])
     out = save_config(cfg, tmp_path / "again.yaml")
     assert config_dict(load_config(out)) == config_dict(cfg)
+
+
+@pytest.mark.parametrize("value,tp,expect", [
+    ("yes", bool, (True, True)), ("0", bool, (True, False)), ("maybe", bool, (False, "maybe")),
+    (1, bool, (False, 1)), ("12", int, (True, 12)), ("1.5", int, (False, "1.5")),
+    (True, int, (False, True)), (3, float, (True, 3.0)), ("1e-4", float, (True, 1e-4)),
+    (False, float, (False, False)), ("x", float, (False, "x")), (2.0, int, (False, 2.0)),
+])
+def test_scalar_parsing_shared_by_every_config(value, tp, expect):
+    from harc._config import scalar
+
+    assert scalar(value, tp) == expect

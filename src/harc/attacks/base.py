@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
+from harc._config import scalar
 from harc.errors import HarcError
 
 
@@ -90,25 +91,8 @@ def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
         return isinstance(value, dict), value
     if tp is Callable or origin is Callable:
         return callable(value), value
-    if tp is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return True, value.lower() in ("true", "1", "yes")
-        return isinstance(value, bool), value
-    if tp is int:
-        if isinstance(value, str):
-            try:
-                return True, int(value)
-            except ValueError:
-                return False, value
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value
+    if tp in (bool, int, float):
+        return scalar(value, tp)
     if isinstance(tp, type):
         return isinstance(value, tp), value
     return True, value  # an annotation we cannot check: trust the caller
