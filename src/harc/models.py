@@ -425,7 +425,8 @@ def merge_and_check(peft_model, inputs: list[torch.Tensor], *, atol: float | Non
     if not diff <= tol:
         msg = f"merged model disagrees with adapter: max |logit diff| {diff:.4g} > {tol}"
         if half:  # weight changes below the dtype's resolution round away when merged
-            msg += f"; merging into {str(dtype)[6:]} weights loses small adapter updates: " \
-                   "merge in float32 (--dtype float32)"
+            name = str(dtype).removeprefix("torch.")
+            msg += f"; merging into {name} weights loses small adapter updates: merge in " \
+                   "float32 (--dtype float32)"
         raise HarcError(msg)
     return merged, diff

@@ -32,9 +32,9 @@ class RunSettings:
     harc-benign; n_extract defaults to `data.extract_n`.
     over_refusal_eval: extra over-refusal sets for evaluation (e.g. an XSTest path); the held-out
     half of `pseudo` is always evaluated.
-    n_extract: prompts per side for the prompt directions (null: `data.extract_n`); n_synth:
-    harmful prompts given
-    on-policy triples (extraction + training); synth_tokens: tokens generated per synthetic text.
+    n_extract: prompts per side for the prompt directions (null: `data.extract_n`).
+    n_synth: harmful prompts given on-policy triples (extraction + training); synth_tokens: tokens
+    generated per synthetic text.
     filters: input filters evaluated as extra policies ("keyword", "latent"), alone and with HARC.
     plane_attacks: attack families placed on the harmfulness-refusal plane in diagnose.
     judge_data: human-labelled refusal sets (`harc judge-check --data` specs, e.g. an XSTest

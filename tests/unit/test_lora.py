@@ -77,3 +77,28 @@ def test_disabled_adapter_and_dropout_fall_back_to_peft():
         with fused_lora(drop):
             torch.manual_seed(0)
             torch.testing.assert_close(drop(input_ids=ids).logits, ref)
+
+
+def test_merge_matches_adapter_logits_in_float32():
+    from harc.models import merge_and_check
+
+    model = lora_model("llama").eval()
+    ids = [torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10]])]
+    with torch.no_grad():
+        want = [model(input_ids=i).logits for i in ids]
+        with model.disable_adapter():
+            base = model(input_ids=ids[0]).logits
+    assert (want[0] - base).abs().max() > 1e-2  # the adapter changes the logits
+    merged, diff = merge_and_check(model, ids)
+    assert diff < 1e-4 and not hasattr(merged, "disable_adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids[1]).logits, want[1], atol=1e-4, rtol=0)
+
+
+def test_merge_disagreement_in_bf16_says_to_merge_in_float32():
+    from harc.errors import HarcError
+    from harc.models import merge_and_check
+
+    model = lora_model("llama").to(torch.bfloat16).eval()
+    with pytest.raises(HarcError, match=r"bfloat16 weights .*--dtype float32"):
+        merge_and_check(model, [torch.tensor([[5, 6, 7, 8]])], atol=0.0)
