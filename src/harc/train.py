@@ -150,6 +150,8 @@ class HarcConfig:
     steps: optimizer steps to train (§5: 400 Llama, 2000 Qwen).
     grad_accum: micro-batches per optimizer step (§5: 2, effective batch 24).
     max_grad_norm: clip the gradient norm to this; null: no clipping (the norm is still checked).
+    skip_nonfinite: optimizer steps with a non-finite loss or gradient norm that are dropped (update
+        not applied, logged) before the run stops at its last good checkpoint; 0: stop at the first.
     margin: hinge margin m of the coupling losses, 0 < m <= 1 (released 0.5; reference code 0.3).
     max_prompt_tokens / max_response_tokens: truncation (prompt from the left, response right).
     n_resp_tokens: response window of the response coupling (§1: 32 tokens).
@@ -190,6 +192,7 @@ class HarcConfig:
     batch: BatchSizes = field(default_factory=BatchSizes)
     grad_accum: int = 2
     max_grad_norm: float | None = None
+    skip_nonfinite: int = 3
     margin: float = 0.5
     weights: LossWeights = field(default_factory=LossWeights)
     max_prompt_tokens: int = 256
@@ -230,6 +233,7 @@ class HarcConfig:
         need(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         need(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
              "must be positive or null")
+        need(self.skip_nonfinite >= 0, "skip_nonfinite", "must be >= 0")
         need(0 < self.margin <= 1, "margin", "must satisfy 0 < margin <= 1")
         for k in KINDS:
             need(getattr(self.batch, k) >= 0, f"batch.{k}", "must be >= 0")
@@ -828,7 +832,7 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 
 _RESUME_FREE = {"steps", "checkpoint_every", "keep_checkpoints", "resume", "output_dir",
                 "gradient_checkpointing", "logits_chunk", "extract_batch_size", "attn_implementation",
-                "pad_multiple"}
+                "pad_multiple", "skip_nonfinite"}
 
 
 class HarcTrainer:
@@ -892,6 +896,7 @@ class HarcTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
         self.step = 0
+        self.skipped = 0  # non-finite optimizer steps dropped so far
         self._perms: dict[tuple[int, int], list[int]] = {}
         self._window: tuple[int, list[list[int]]] | None = None
         self._dev_dirs: tuple[Directions, Directions] | None = None
@@ -1025,7 +1030,8 @@ class HarcTrainer:
                           weights=dataclasses.asdict(self.cfg.weights), backward_scale=scale,
                           chunk=self.cfg.logits_chunk)
 
-    def _optimizer_step(self) -> dict:
+    def _optimizer_step(self) -> dict | None:
+        """One optimizer step; its log record, or None when it was dropped as non-finite."""
         c = self.cfg
         t0 = time.perf_counter()
         self.model.train()
@@ -1057,6 +1063,8 @@ class HarcTrainer:
         if bad:
             self.optimizer.zero_grad(set_to_none=True)
             self._nonfinite(bad, vals)
+            self.scheduler.step()  # keeps the step -> lr schedule
+            return None
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -1074,11 +1082,19 @@ class HarcTrainer:
                 "tokens_per_s": tokens / dt, "step_s": dt}
 
     def _nonfinite(self, bad: list[str], vals: dict) -> None:
+        # An isolated non-finite gradient happens in long bf16 runs (one in 1,642 steps of the
+        # replication, every loss finite): drop that update; repeated ones mean divergence.
+        self.skipped += 1
+        stop = self.skipped > self.cfg.skip_nonfinite
+        self._log({"event": "nonfinite", "step": self.step + 1, "terms": bad,
+                   "skipped": self.skipped, "stopped": stop, **vals})
+        if not stop:
+            return
         ckpt = self.latest_checkpoint()
-        self._log({"event": "nonfinite", "step": self.step + 1, "terms": bad, **vals})
         where = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
         raise HarcError(
-            f"non-finite {', '.join(bad)} at step {self.step + 1}; training stopped without "
+            f"non-finite {', '.join(bad)} at step {self.step + 1} (non-finite step "
+            f"{self.skipped}, skip_nonfinite={self.cfg.skip_nonfinite}); training stopped without "
             f"applying it; {where}. Lower lr, raise warmup_steps or set max_grad_norm")
 
     def train(self) -> Path:
@@ -1098,8 +1114,12 @@ class HarcTrainer:
             while self.step < c.steps:
                 rec = self._optimizer_step()
                 self.step += 1
-                self._log(rec)
-                bar.update(task, completed=self.step, loss=rec["loss"], tps=rec["tokens_per_s"])
+                if rec is None:  # dropped (non-finite); the data order moves on regardless
+                    bar.update(task, completed=self.step)
+                else:
+                    self._log(rec)
+                    bar.update(task, completed=self.step, loss=rec["loss"],
+                               tps=rec["tokens_per_s"])
                 if c.refresh_every and self.step % c.refresh_every == 0 and self.step < c.steps:
                     bar.update(task, description="HARC (refreshing directions)")
                     self._log(self.refresh())
@@ -1185,7 +1205,8 @@ class HarcTrainer:
         self.dirs.save(tmp / "directions.safetensors")
         self.base_dirs.save(tmp / "base_directions.safetensors")
         (tmp / "trainer_state.json").write_text(json.dumps({
-            "step": self.step, "layers": self.layers, "param_groups": opt["param_groups"],
+            "step": self.step, "skipped": self.skipped, "layers": self.layers,
+            "param_groups": opt["param_groups"],
             "optimizer_scalars": scalars, "scheduler": self.scheduler.state_dict(),
             "python_rng": rng_py, "config": config_dict(self.cfg), "harc_version": __version__,
         }, default=str))
@@ -1244,6 +1265,7 @@ class HarcTrainer:
         self.dirs = Directions.load(path / "directions.safetensors")
         self.layers = list(st["layers"])
         self.step = int(st["step"])
+        self.skipped = int(st.get("skipped", 0))
         self._window = None
         # Drop log records from after the checkpoint (written before the interruption).
         if self.log_path.is_file():

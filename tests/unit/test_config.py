@@ -109,9 +109,12 @@ def test_released_configs_match_the_paper():
         assert c.steps == steps and c.raw_template == raw and c.layer_score == "variant_d"
     from harc.pipeline import load_run_config
 
-    for name in ("smollm2_135m.yaml", "qwen2.5_coder_0.5b.yaml"):  # `harc run` configs
+    # `harc run` configs: the CPU demo is short; the GPU replication keeps the paper's schedule.
+    for name, steps in (("smollm2_135m.yaml", 300), ("qwen2.5_coder_0.5b.yaml", 2000)):
         rc = load_run_config(CONFIGS / name, [])
-        assert rc.train.steps <= 300 and rc.eval.attacks and rc.run.n_synth > 0
+        assert rc.train.steps <= steps and rc.eval.attacks and rc.run.n_synth > 0
+    c = load_run_config(CONFIGS / "qwen2.5_coder_0.5b.yaml", []).train
+    assert (c.steps, c.warmup_steps, c.refresh_every, c.ramp_step) == (2000, 100, 200, 1000)
 
 
 def test_round_trip(files, tmp_path):

@@ -58,3 +58,20 @@ def test_empty_generations_are_dropped_not_trained_on(monkeypatch):
                                      is_refusal=lambda p, r: [False] * len(p))
     assert [t["prompt"] for t in triples] == [harmful[0], harmful[2]]
     assert [h["prompt"] for h in helpful] == [harmless[0], harmless[2]]
+
+
+def test_benign_prompts_the_model_refuses_are_not_helpful_examples(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("HARC_CACHE", str(tmp_path))
+    tok, model = tiny_tokenizer("chatml"), tiny_model("llama", n_layers=4)
+    harmful = ["how to build a bomb", "how to steal a car"]
+    harmless = ["bake bread", "history of the olympics", "explain tides"]
+    triples, helpful = synth_triples(model, ChatFormat(tok), harmful, harmless, max_new_tokens=4,
+                                     completion_tokens=3, batch_size=2,
+                                     is_refusal=lambda p, r: ["olympics" in x for x in p])
+    assert [h["prompt"] for h in helpful] == ["bake bread", "explain tides"]
+    assert len(triples) == 2
+    (cached,) = (tmp_path / "synth").glob("*.json")
+    assert json.loads(cached.read_text())["provenance"]["dropped"] == {
+        "triples": 0, "helpful_refused": 1, "helpful_empty": 0}

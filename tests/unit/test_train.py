@@ -258,18 +258,23 @@ def test_exact_resume_after_a_kill(tmp_path):
     assert len(lora) == len(want)
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    tr = make_trainer(tmp_path)
+def poison(tr, bad_calls):
+    """Make the micro-steps numbered in `bad_calls` (1-based) report a NaN KL."""
     calls, orig = [0], tr._micro_step
 
     def poisoned(mb, scale):
         calls[0] += 1
         terms, proj = orig(mb, scale)
-        if calls[0] >= 5:
+        if calls[0] in bad_calls:
             terms["kl"] = torch.tensor(float("nan"))
         return terms, proj
 
     tr._micro_step = poisoned
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    tr = make_trainer(tmp_path, skip_nonfinite=0)
+    poison(tr, range(5, 100))
     with pytest.raises(HarcError, match=r"non-finite kl at step 3.*step-0000002"):
         tr.train()
     ckpt = tr.latest_checkpoint()
@@ -281,6 +286,29 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         torch.testing.assert_close(state[k], v)
     last = json.loads(tr.log_path.read_text().splitlines()[-1])
     assert last["event"] == "nonfinite" and last["terms"] == ["kl"]
+
+
+def test_isolated_nonfinite_step_is_dropped_and_training_goes_on(tmp_path):
+    tr = make_trainer(tmp_path, steps=4, refresh_every=0, skip_nonfinite=1)
+    poison(tr, {5})  # micro-step 5 = the first half of optimizer step 3
+    tr.train()
+    assert tr.step == 4 and tr.skipped == 1
+    # Adam counted 3 applied updates, not 4: the poisoned step changed nothing.
+    assert {int(s["step"]) for s in tr.optimizer.state.values()} == {3}
+    rows = [json.loads(x) for x in tr.log_path.read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 4]
+    bad = [r for r in rows if r.get("event") == "nonfinite"]
+    assert len(bad) == 1 and bad[0]["step"] == 3 and not bad[0]["stopped"]
+    state = json.loads((tr.latest_checkpoint() / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["skipped"] == 1  # a resumed run keeps the count
+
+
+def test_nonfinite_steps_beyond_the_allowance_stop_the_run(tmp_path):
+    tr = make_trainer(tmp_path, steps=4, refresh_every=0, skip_nonfinite=1)
+    poison(tr, {3, 7})  # optimizer steps 2 and 4
+    with pytest.raises(HarcError, match=r"non-finite kl at step 4 \(non-finite step 2"):
+        tr.train()
+    assert tr.skipped == 2
 
 
 def test_resume_refuses_changed_config(tmp_path):

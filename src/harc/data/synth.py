@@ -1,7 +1,9 @@
 """On-policy training triples from the model itself (no Llama-3-generated targets).
 
 For each harmful prompt: (prompt, refusal, harmful-completion opening); for each benign prompt:
-(prompt, helpful answer). The reference takes every model's refusal targets from Llama-3 outputs,
+(prompt, helpful answer), kept only when the model did answer (a benign prompt it refuses would
+put a refusal on the helpful side of the response directions, and the KL term would preserve that
+over-refusal). The reference takes every model's refusal targets from Llama-3 outputs,
 off-policy for any other model; here both come from the model being hardened:
 - refusal: the model's own greedy answer when it refuses; otherwise its answer with the refusal
   direction added at t_post onwards (activation addition); otherwise a short templated refusal
@@ -65,7 +67,7 @@ def synth_triples(model, chat: ChatFormat, harmful: Sequence[str], harmless: Seq
                   progress: Callable[[int], None] | None = None, use_cache: bool = True
                   ) -> tuple[list[dict], list[dict]]:
     """Return (triples for `harmful`, helpful pairs for `harmless`), cached by content hash."""
-    settings = {"recipe": 3,  # bump when the way triples are made changes (invalidates caches)
+    settings = {"recipe": 4,  # bump when the way triples are made changes (invalidates caches)
                 "max_new_tokens": max_new_tokens, "completion_tokens": completion_tokens,
                 "steer_layer": steer_layer, "steer_scale": steer_scale,
                 "template": chat.template_hash(), "model": model_identity(model)}
@@ -79,6 +81,7 @@ def synth_triples(model, chat: ChatFormat, harmful: Sequence[str], harmless: Seq
     helpful = generate(model, chat, harmless, max_new_tokens=max_new_tokens, **gen)
     own = generate(model, chat, harmful, max_new_tokens=max_new_tokens, **gen)
     refused = is_refusal(list(harmful), own)
+    answered = [not r for r in is_refusal(list(harmless), helpful)]
 
     diff = refusal_vectors(model, chat, harmful, harmless, batch_size)
     n_layers = diff.shape[0] - 1
@@ -126,10 +129,13 @@ def synth_triples(model, chat: ChatFormat, harmful: Sequence[str], harmless: Seq
                 "completion_source": cs}
                for p, r, c, rs, cs in zip(harmful, refusals, completions, sources, comp_src)
                if r.strip() and c.strip()]
-    pairs = [{"prompt": p, "response": a} for p, a in zip(harmless, helpful) if a.strip()]
-    dropped = {"triples": len(harmful) - len(triples), "helpful": len(harmless) - len(pairs)}
+    pairs = [{"prompt": p, "response": a} for p, a, ok in zip(harmless, helpful, answered)
+             if ok and a.strip()]
+    dropped = {"triples": len(harmful) - len(triples),
+               "helpful_refused": answered.count(False),
+               "helpful_empty": sum(ok and not a.strip() for a, ok in zip(helpful, answered))}
     record = {"triples": triples, "helpful": pairs,
-              "provenance": {**settings, "steer_layer": layer, "dropped_empty": dropped,
+              "provenance": {**settings, "steer_layer": layer, "dropped": dropped,
                              "harc_version": __version__}}
     atomic_write_text(path, json.dumps(record, ensure_ascii=False))
     return triples, pairs
