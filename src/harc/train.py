@@ -26,7 +26,6 @@ import random
 import shutil
 import tempfile
 import time
-import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from harc import __version__
-from harc._config import scalar
+from harc._config import coerce, type_name
 from harc.activations import ResidualCapture, masked_mean
 from harc.chat import ChatFormat, PairEncoding, left_pad
 from harc.directions import NAMES, Directions, extract_directions, prompt_projections
@@ -292,43 +291,15 @@ def _is_dataclass_type(t) -> bool:
 
 
 def _coerce(key: str, value: Any, hint) -> Any:
-    """Check `value` against a type hint; accept YAML/override strings for numbers and bools."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(key, value, a)
-            except HarcError as e:
-                errors.append(str(e))
-        raise HarcError(errors[0] if errors else f"config key {key!r}: invalid value {value!r}")
+    """Check `value` against a type hint (see `harc._config.coerce`); nested sections recurse."""
     if _is_dataclass_type(hint):
         if not isinstance(value, Mapping):
             raise HarcError(f"config key {key!r} must be a mapping of {_field_names(hint)}")
         return _build(hint, value, f"{key}.")
-    if hint in (bool, int, float):
-        ok, parsed = scalar(value, hint)
-        if ok:
-            return parsed
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    elif origin in (list, tuple):
-        if isinstance(value, str) and args and args[0] is str:
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)):
-            if origin is tuple and len(args) == 2 and args[1] is not Ellipsis:
-                if len(value) != len(args):
-                    raise HarcError(f"config key {key!r} must have {len(args)} items, got {value!r}")
-                return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
-            out = [_coerce(key, v, args[0]) for v in value]
-            return tuple(out) if origin is tuple else out
-    name = getattr(hint, "__name__", str(hint))
-    raise HarcError(f"config key {key!r} must be of type {name}, got {value!r}")
+    ok, parsed = coerce(value, hint)
+    if not ok:
+        raise HarcError(f"config key {key!r} must be {type_name(hint)}, got {value!r}")
+    return parsed
 
 
 def _field_names(cls) -> list[str]:

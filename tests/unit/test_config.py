@@ -1,7 +1,9 @@
 """HarcConfig and load_config: everything is validated before a model is loaded."""
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -133,3 +135,18 @@ def test_scalar_parsing_shared_by_every_config(value, tp, expect):
     from harc._config import scalar
 
     assert scalar(value, tp) == expect
+
+
+@pytest.mark.parametrize("value,tp,expect", [
+    (None, int | None, (True, None)), ("3", int | None, (True, 3)), ("x", int | None, (False, "x")),
+    ("dan, aim", list[str], (True, ["dan", "aim"])), ([1, "2"], list[int], (True, [1, 2])),
+    ([1, "a"], list[int], (False, [1, "a"])), ("1,2", list[int], (False, "1,2")),
+    ([4, "4"], tuple[int, int], (True, (4, 4))), ([4], tuple[int, int], (False, [4])),
+    ((1, 2, 3), tuple[int, ...], (True, (1, 2, 3))), ("b", Literal["a", "b"], (True, "b")),
+    ("c", Literal["a", "b"], (False, "c")), ({"k": 1}, dict, (True, {"k": 1})),
+    ("s", str, (True, "s")), (3, str, (False, 3)), (len, Callable, (True, len)),
+])
+def test_one_type_check_for_every_config(value, tp, expect):
+    from harc._config import coerce
+
+    assert coerce(value, tp) == expect

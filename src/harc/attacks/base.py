@@ -8,13 +8,11 @@ YAML file or on the command line fails at once with the key named, not mid-evalu
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar
 
-from harc._config import scalar
+from harc._config import coerce, type_name
 from harc.errors import HarcError
 
 
@@ -58,46 +56,6 @@ def normalize_requests(requests: list[dict] | list[str]) -> list[dict]:
 # Typed configs
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
-    """(ok, value) for `value` against annotation `tp`.
-
-    Strings are parsed into int/float/bool because the CLI hands every `key=value` over as text;
-    ints are accepted where floats are expected. Nothing else is converted.
-    """
-    if tp is Any:
-        return True, value
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            ok, v = _coerce(value, arg)
-            if ok:
-                return True, v
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if origin is Literal:
-        return value in typing.get_args(tp), value
-    if origin in (list, tuple):
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            return False, value
-        (arg, *_) = typing.get_args(tp) or (Any,)
-        items = [_coerce(v, arg) for v in value]
-        return all(ok for ok, _ in items), [v for _, v in items]
-    if origin is dict or tp is dict:
-        return isinstance(value, dict), value
-    if tp is Callable or origin is Callable:
-        return callable(value), value
-    if tp in (bool, int, float):
-        return scalar(value, tp)
-    if isinstance(tp, type):
-        return isinstance(value, tp), value
-    return True, value  # an annotation we cannot check: trust the caller
-
-
 def build_config(cls: type, params: dict, owner: str):
     """Instantiate dataclass `cls` from `params`, naming the offending key on any mismatch."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -108,10 +66,10 @@ def build_config(cls: type, params: dict, owner: str):
         raise HarcError(f"{owner} has no option {unknown[0]!r}; its options: {known}")
     values = {}
     for key, value in params.items():
-        ok, v = _coerce(value, hints[key])
+        ok, v = coerce(value, hints[key])
         if not ok:
             raise HarcError(
-                f"{owner} option {key!r} must be {_type_name(hints[key])}, got {value!r}"
+                f"{owner} option {key!r} must be {type_name(hints[key])}, got {value!r}"
             )
         values[key] = v
     missing = [
