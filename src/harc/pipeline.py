@@ -183,21 +183,17 @@ def run_pipeline(rc: RunConfig, log=print, progress=None) -> dict:
         triples, helpful = synth_triples(
             model, chat, harm_syn, safe_syn, max_new_tokens=rs.synth_tokens,
             batch_size=rs.batch_size, progress=progress("synth", 2 * n_syn + n_syn))
+        from harc.data.synth import answered_pairs
         from harc.generation import generate
-        from harc.judges.registry import get_judge
 
         answers = generate(model, chat, pseudo_prompts, max_new_tokens=rs.synth_tokens,
                            batch_size=rs.batch_size)
-        refused = [v.refused for v in get_judge("refusal_string").judge(pseudo_prompts, answers)]
-        # Retain only compliant answers: KL towards an over-refusal would preserve it.
-        pseudo_pairs = [{"prompt": p, "response": a}
-                        for p, a, r in zip(pseudo_prompts, answers, refused)
-                        if not r and a.strip()]
+        pseudo_pairs, pseudo_refused = answered_pairs(pseudo_prompts, answers)
         write_jsonl(synth.dir / "triples.jsonl", triples)
         write_jsonl(synth.dir / "helpful.jsonl", helpful)
         write_jsonl(synth.dir / "pseudo.jsonl", pseudo_pairs)
         synth.finish({"triples": len(triples), "helpful": len(helpful),
-                      "pseudo_kept": len(pseudo_pairs), "pseudo_refused": sum(refused),
+                      "pseudo_kept": len(pseudo_pairs), "pseudo_refused": pseudo_refused,
                       "refusal_sources": _count(t["refusal_source"] for t in triples),
                       "completion_sources": _count(t["completion_source"] for t in triples)})
     triples = _jsonl(synth.dir / "triples.jsonl")

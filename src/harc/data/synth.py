@@ -1,10 +1,9 @@
 """On-policy training triples from the model itself (no Llama-3-generated targets).
 
 For each harmful prompt: (prompt, refusal, harmful-completion opening); for each benign prompt:
-(prompt, helpful answer), kept only when the model did answer (a benign prompt it refuses would
-put a refusal on the helpful side of the response directions, and the KL term would preserve that
-over-refusal). The reference takes every model's refusal targets from Llama-3 outputs,
-off-policy for any other model; here both come from the model being hardened:
+(prompt, helpful answer), kept only when the model did answer (`answered_pairs`). The reference
+takes every model's refusal targets from Llama-3 outputs, off-policy for any other model; here
+both come from the model being hardened:
 - refusal: the model's own greedy answer when it refuses; otherwise its answer with the refusal
   direction added at t_post onwards (activation addition); otherwise a short templated refusal
   in the model's style (its most common refusal opening);
@@ -48,6 +47,18 @@ def _refusal_judge() -> Callable[[list[str], list[str]], list[bool]]:
     return lambda prompts, responses: [v.refused for v in judge.judge(prompts, responses)]
 
 
+def answered_pairs(prompts: Sequence[str], answers: Sequence[str],
+                   is_refusal: Callable[[list[str], list[str]], list[bool]] | None = None
+                   ) -> tuple[list[dict], int]:
+    """(prompt, response) pairs where the model answered, and how many it refused. A refusal is no
+    retain example: the KL term would preserve that over-refusal (and, on the helpful side of the
+    response directions, it blurs the refusal contrast); an empty answer is no target at all."""
+    refused = (is_refusal or _refusal_judge())(list(prompts), list(answers))
+    pairs = [{"prompt": p, "response": a} for p, a, r in zip(prompts, answers, refused, strict=True)
+             if not r and a.strip()]
+    return pairs, sum(refused)
+
+
 def refusal_vectors(model, chat: ChatFormat, harmful: Sequence[str], harmless: Sequence[str],
                     batch_size: int = 16):
     """Raw difference of means at t_post per slot ([S, d]): the refusal direction with its norm."""
@@ -81,7 +92,6 @@ def synth_triples(model, chat: ChatFormat, harmful: Sequence[str], harmless: Seq
     helpful = generate(model, chat, harmless, max_new_tokens=max_new_tokens, **gen)
     own = generate(model, chat, harmful, max_new_tokens=max_new_tokens, **gen)
     refused = is_refusal(list(harmful), own)
-    answered = [not r for r in is_refusal(list(harmless), helpful)]
 
     diff = refusal_vectors(model, chat, harmful, harmless, batch_size)
     n_layers = diff.shape[0] - 1
@@ -129,11 +139,9 @@ def synth_triples(model, chat: ChatFormat, harmful: Sequence[str], harmless: Seq
                 "completion_source": cs}
                for p, r, c, rs, cs in zip(harmful, refusals, completions, sources, comp_src)
                if r.strip() and c.strip()]
-    pairs = [{"prompt": p, "response": a} for p, a, ok in zip(harmless, helpful, answered)
-             if ok and a.strip()]
-    dropped = {"triples": len(harmful) - len(triples),
-               "helpful_refused": answered.count(False),
-               "helpful_empty": sum(ok and not a.strip() for a, ok in zip(helpful, answered))}
+    pairs, n_refused = answered_pairs(harmless, helpful, is_refusal)
+    dropped = {"triples": len(harmful) - len(triples), "helpful_refused": n_refused,
+               "helpful_empty": len(harmless) - len(pairs) - n_refused}
     record = {"triples": triples, "helpful": pairs,
               "provenance": {**settings, "steer_layer": layer, "dropped": dropped,
                              "harc_version": __version__}}
