@@ -188,8 +188,8 @@ def check(name: str, args, device: str) -> dict:
     import peft
     import transformers
 
-    from harc.evaluate import environment
     from harc.export import merge_adapter
+    from harc.models import environment
     from harc.pipeline import load_run_config, run_pipeline
 
     cuda = device == "cuda"

@@ -1,4 +1,4 @@
-"""Benchmark on-policy triple synthesis (`harc.data.synth`): N harmful prompts from AdvBench and
+"""Benchmark on-policy triple synthesis (`harc.synth`): N harmful prompts from AdvBench and
 N benign prompts from harc's set, on a built-in model; prints one JSON record.
 
     python bench/synth.py --model qwen2.5-coder-0.5b-instruct --n 300 --batch-size 64   # GPU
@@ -16,8 +16,8 @@ import torch
 
 from harc.chat import ChatFormat
 from harc.data import load
-from harc.data.synth import synth_triples
 from harc.models import load_model
+from harc.synth import synth_triples
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
     python bench/train_step.py --model smollm2-135m-instruct --lens 96-160           # CPU
     python bench/train_step.py --arch qwen2-7b --variants peft,fused,compiled        # ablation
 
-What is timed is `harc.train.micro_step`, the trainer's own code: 6 harmful + 4 harmless + 2 pseudo
+What is timed is `harc.methods.harc.micro_step`, the trainer's own code: 6 harmful + 4 harmless + 2 pseudo
 rows, LoRA r32/a64 on the seven projections, prompt + response coupling on K=4 layers, KL retain
 (base forward under `disable_adapter`, retain rows only) and CE, then backward. `--arch qwen2-7b`
 builds Qwen2.5-7B dimensions with random bf16 weights directly on the GPU (no download). Row lengths
@@ -36,13 +36,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import harc.train  # noqa: E402
+import harc.methods.harc as hm  # noqa: E402
 from harc.chat import ChatFormat, PairEncoding  # noqa: E402
 from harc.directions import Directions  # noqa: E402
-from harc.models import attach_lora, decoder_layers, unwrap  # noqa: E402
-from harc.train import Example, collate, micro_step, set_checkpointing  # noqa: E402
+from harc.lora import attach_lora  # noqa: E402
+from harc.methods.batching import Example, collate  # noqa: E402
+from harc.methods.harc import micro_step  # noqa: E402
+from harc.methods.step import compiled_blocks, set_checkpointing  # noqa: E402
+from harc.models import decoder_layers, unwrap  # noqa: E402
 
-FUSED = harc.train.fused_lora
+FUSED = hm.fused_lora
 KEEP = contextlib.ExitStack()  # holds the compiled blocks until the process ends
 
 ARCHS = {
@@ -243,9 +246,9 @@ def set_variant(model, variant: str) -> None:
     """peft: PEFT's own LoRA forward (the baseline); fused: harc's (what the trainer runs);
     compiled: fused, with the decoder blocks compiled as under `compile: true` (last: it keeps
     them compiled)."""
-    harc.train.fused_lora = contextlib.nullcontext if variant == "peft" else FUSED
+    hm.fused_lora = contextlib.nullcontext if variant == "peft" else FUSED
     if variant == "compiled":
-        KEEP.enter_context(harc.train.compiled_blocks(model))  # the trainer's `compile: true`
+        KEEP.enter_context(compiled_blocks(model))  # the trainer's `compile: true`
     elif variant not in ("peft", "fused"):
         raise SystemExit(f"unknown variant {variant!r}")
 

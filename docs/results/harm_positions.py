@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from harc import ChatFormat, load_model
 from harc.activations import ResidualCapture, iter_prompt_acts
-from harc.attacks.registry import get_attack
 from harc.data import prepare_sets
 from harc.data.profile import DataProfile
+from harc.eval.attacks import get_attack
 
 ATTACKS = ["direct", "dan", "aim", "evil_confidant", "wild", "pap", "refusal_suppression",
            "prefix_injection", "style_injection", "deep_inception", "code_attack"]

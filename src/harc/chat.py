@@ -7,6 +7,7 @@ after it. Then `t_inst = -P-1` (last user-content token) and `t_post = -1` (last
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -129,8 +130,6 @@ class ChatFormat:
         return -1
 
     def template_hash(self) -> str:
-        import hashlib
-
         src = self.raw_template or self.tokenizer.chat_template or ""
         return hashlib.sha256(f"{src}\x00{self.system_prompt or ''}".encode()).hexdigest()[:16]
 

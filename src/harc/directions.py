@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from harc import __version__
+from harc._version import __version__
 from harc.activations import MeanAccumulator, iter_prompt_acts, iter_response_acts
 from harc.chat import ChatFormat
 from harc.errors import HarcError
@@ -79,8 +80,6 @@ class Directions:
             raise HarcError(f"directions file not found: {path}; run `harc extract` first")
         try:
             t = load_file(str(path))
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as f:
                 meta = json.loads((f.metadata() or {}).get("harc", "{}"))
         except Exception as e:

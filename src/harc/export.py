@@ -6,8 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
+from harc.chat import ChatFormat
 from harc.errors import HarcError
+from harc.eval.results import mean_asr, over_refusal_rate
 from harc.io import atomic_write_text
+from harc.lora import load_adapter, merge_and_check
+from harc.models import load_model
 
 
 def _pct(x) -> str:
@@ -57,10 +63,9 @@ def model_card(meta: dict, results: dict | None = None) -> str:
                   "| policy | mean attack success | over-refusal | benign refusal | capability |",
                   "|---|---|---|---|---|"]
         for r in runs:
-            over = [v["rate"] for v in r.get("over_refusal", {}).values()]
             cap = r.get("capability", {}).get("items", {}).get("acc")
-            lines.append(f"| {r['name']} | {_pct(r.get('mean_asr'))} | "
-                         f"{_pct(sum(over) / len(over) if over else None)} | "
+            lines.append(f"| {r['name']} | {_pct(mean_asr(r))} | "
+                         f"{_pct(over_refusal_rate(r))} | "
                          f"{_pct(r.get('benign_refusal', {}).get('rate'))} | {_pct(cap)} |")
         lines += ["", f"Judge: {results.get('judges', {}).get('primary')}; environment: "
                       f"{results.get('environment', {}).get('card')}."]
@@ -92,11 +97,6 @@ def merge_adapter(model_spec: str, adapter_dir: str | Path, out_dir: str | Path,
 
     Returns the max |logit difference| between merged and adapter models on a few prompts.
     """
-    import torch
-
-    from harc.chat import ChatFormat
-    from harc.models import load_adapter, load_model, merge_and_check
-
     model, tok = load_model(model_spec, **load_kw)
     peft_model = load_adapter(model, adapter_dir)
     chat = ChatFormat(tok)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -56,3 +58,9 @@ def select_layers(d: Directions, k: int, score: str = "variant_d", low: int = 4,
 def ramp_k(step: int, k_start: int = 2, k_final: int = 4, ramp_step: int = 1000) -> int:
     """K = k_start before `ramp_step`, k_final from it on (the reference's ramp)."""
     return k_final if step >= ramp_step else k_start
+
+
+def plane_layer(selected: Sequence[int]) -> int | None:
+    """The layer the harmfulness-refusal plane, the latent filter and the latent judge read: the
+    middle of the selected layers."""
+    return selected[len(selected) // 2] if selected else None

@@ -40,8 +40,8 @@ def test_greedy_answer_is_coherent(smollm):
 def test_directions_separate_heldout_prompts(smollm):
     from harc.chat import ChatFormat
     from harc.data import load
-    from harc.diagnose import geometry, heldout_check
     from harc.directions import extract_directions
+    from harc.geometry import geometry, heldout_check
 
     model, tok = smollm
     chat = ChatFormat(tok)

@@ -59,7 +59,7 @@ def test_response_window_mean_over_first_n_tokens():
 
 
 def test_works_under_a_peft_adapter():
-    from harc.models import attach_lora
+    from harc.lora import attach_lora
 
     tok, model = tiny_tokenizer("chatml"), tiny_model("qwen2")
     peft_model = attach_lora(model, r=4, alpha=8, target_modules=("q_proj", "v_proj"))

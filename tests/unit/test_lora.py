@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from harc.models import attach_lora, fused_lora
+from harc.lora import attach_lora, fused_lora
 
 pytestmark = pytest.mark.unit
 
@@ -80,7 +80,7 @@ def test_disabled_adapter_and_dropout_fall_back_to_peft():
 
 
 def test_merge_matches_adapter_logits_in_float32():
-    from harc.models import merge_and_check
+    from harc.lora import merge_and_check
 
     model = lora_model("llama").eval()
     ids = [torch.tensor([[5, 6, 7, 8]]), torch.tensor([[9, 10]])]
@@ -97,7 +97,7 @@ def test_merge_matches_adapter_logits_in_float32():
 
 def test_merge_disagreement_in_bf16_says_to_merge_in_float32():
     from harc.errors import HarcError
-    from harc.models import merge_and_check
+    from harc.lora import merge_and_check
 
     model = lora_model("llama").to(torch.bfloat16).eval()
     with pytest.raises(HarcError, match=r"bfloat16 weights .*--dtype float32"):

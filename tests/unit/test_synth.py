@@ -4,7 +4,7 @@ import pytest
 from tiny import tiny_model, tiny_tokenizer
 
 from harc.chat import ChatFormat
-from harc.data.synth import TEMPLATED_REFUSAL, style_refusal, synth_triples
+from harc.synth import TEMPLATED_REFUSAL, style_refusal, synth_triples
 
 pytestmark = pytest.mark.unit
 
@@ -42,7 +42,7 @@ def test_synth_fills_every_field_with_its_source_and_caches():
 
 
 def test_empty_generations_are_dropped_not_trained_on(monkeypatch):
-    import harc.data.synth as synth
+    import harc.synth as synth
 
     tok, model = tiny_tokenizer("chatml"), tiny_model("llama", n_layers=4)
     real = synth.generate

@@ -9,8 +9,8 @@
 
 from harc.data.capability import check as check_capability
 from harc.data.hygiene import dedupe, dedupe_against, normalize, overlap_counts, similarity, split
-from harc.data.loaders import fetch, load
-from harc.data.profile import DataProfile, default_sets, prepare_sets
+from harc.data.loaders import load
+from harc.data.profile import DataProfile, default_sets, fetch, prepare_sets
 from harc.data.registry import DatasetEntry, entries, get, names, register
 
 __all__ = [

@@ -15,11 +15,11 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harc.data import registry, sources
+import harc.data.registry as registry
+import harc.data.sources as sources
 from harc.data.registry import KINDS, DatasetEntry
 from harc.errors import HarcError
 
@@ -277,7 +277,7 @@ def load(name_or_path: str | Path, *, field_map: Mapping[str, str] | None = None
         raise HarcError(f"unknown kind {kind!r}; one of {sorted(_FIELDS)}")
     if limit is not None and limit < 0:
         raise HarcError(f"limit must be >= 0, got {limit}")
-    if isinstance(name_or_path, str) and registry.is_registered(name_or_path):
+    if isinstance(name_or_path, str) and name_or_path in registry.DATASETS:
         return _load_entry(registry.get(name_or_path), field_map, limit, kind)
     path = Path(name_or_path)
     if not path.exists():
@@ -333,29 +333,3 @@ def _take(records: Iterator[dict], limit: int | None) -> list[dict]:
             break
         out.append(rec)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# Fetch
-
-
-@dataclass(frozen=True)
-class FetchReport:
-    name: str
-    kind: str
-    records: int
-    files: tuple[Path, ...]
-
-
-def fetch(names: Iterable[str] | None = None) -> list[FetchReport]:
-    """Download (or find in the cache) and verify every file of the named datasets, then parse
-    them once so a bad file shows up now rather than mid-run. Defaults to the default profile."""
-    if names is None:
-        from harc.data.profile import default_sets
-        names = default_sets().names()
-    reports = []
-    for name in dict.fromkeys(names):  # unique, in order
-        entry = registry.get(name)
-        paths = tuple(p for _, p in sources.files(entry))
-        reports.append(FetchReport(name, entry.kind, len(load(name)), paths))
-    return reports

@@ -6,9 +6,12 @@ harc), so `harc data fetch` works behind a PyPI-only proxy and offline afterward
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import harc.data.registry as registry
+import harc.data.sources as sources
 from harc.data.hygiene import THRESHOLD, dedupe, dedupe_against, split
 from harc.data.loaders import load
 
@@ -67,3 +70,24 @@ def prepare_sets(profile: DataProfile | None = None, *, seed: int = 0,
     sets["harmful_eval"] = harmful_eval
     sets["pseudo"] = pseudo
     return PreparedSets(sets, removed, overlaps)
+
+
+@dataclass(frozen=True)
+class FetchReport:
+    name: str
+    kind: str
+    records: int
+    files: tuple[Path, ...]
+
+
+def fetch(names: Iterable[str] | None = None) -> list[FetchReport]:
+    """Download (or find in the cache) and verify every file of the named datasets, then parse
+    them once so a bad file shows up now rather than mid-run. Defaults to the default profile."""
+    if names is None:
+        names = default_sets().names()
+    reports = []
+    for name in dict.fromkeys(names):  # unique, in order
+        entry = registry.get(name)
+        paths = tuple(p for _, p in sources.files(entry))
+        reports.append(FetchReport(name, entry.kind, len(load(name)), paths))
+    return reports

@@ -8,10 +8,10 @@ download is caught instead of silently shifting an experiment.
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 from harc.errors import HarcError
+from harc.registry import Registry
 
 # kind -> (required fields, optional fields) of its canonical records
 KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -105,7 +105,9 @@ class DatasetEntry:
         return "NC" in self.license.replace("-", " ").split() or "non-commercial" in self.license
 
 
-_REGISTRY: dict[str, DatasetEntry] = {}
+DATASETS: Registry[DatasetEntry] = Registry(
+    "dataset", DatasetEntry, group="harc.datasets", instances=True,
+    unknown_hint=" (`harc data list` shows them; a file path also works)")
 
 
 def register(entry: DatasetEntry, *, replace: bool = False) -> DatasetEntry:
@@ -116,37 +118,19 @@ def register(entry: DatasetEntry, *, replace: bool = False) -> DatasetEntry:
     missing = [f for f in required if f not in entry.field_map]
     if missing:
         raise HarcError(f"dataset {entry.name!r}: no column mapped for required field(s) {missing}")
-    if entry.name in _REGISTRY and not replace:
-        raise HarcError(f"dataset {entry.name!r} is already registered")
-    _REGISTRY[entry.name] = entry
-    return entry
-
-
-def unregister(name: str) -> None:
-    _REGISTRY.pop(name, None)
+    return DATASETS.register(entry, replace=replace)
 
 
 def get(name: str) -> DatasetEntry:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, _REGISTRY, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise HarcError(
-            f"no dataset named {name!r}{hint} (`harc data list` shows them; a file path also works)"
-        ) from None
-
-
-def is_registered(name: str) -> bool:
-    return name in _REGISTRY
+    return DATASETS.get(name)
 
 
 def names(kind: str | None = None) -> list[str]:
-    return sorted(n for n, e in _REGISTRY.items() if kind is None or e.kind == kind)
+    return DATASETS.names(None if kind is None else (lambda e: e.kind == kind))
 
 
 def entries(kind: str | None = None) -> list[DatasetEntry]:
-    return [_REGISTRY[n] for n in names(kind)]
+    return [DATASETS.get(n) for n in names(kind)]
 
 
 def _add(name, kind, source, license, fields, description, *, where=None, **kw) -> None:

@@ -1,0 +1,3 @@
+from harc.cli import main
+
+main()

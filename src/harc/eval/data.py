@@ -1,0 +1,25 @@
+"""The evaluation sets an `EvalConfig` names, loaded and trimmed to its sizes."""
+
+from __future__ import annotations
+
+from harc.data import load
+from harc.errors import HarcError
+from harc.eval.config import EvalConfig
+
+
+def load_eval_data(cfg: EvalConfig) -> dict:
+    """{"harmful": [records], "over_refusal": {name: [prompts]}, "benign": [prompts],
+    "capability": [items]}."""
+    harmful = load(cfg.harmful, limit=cfg.n_harmful)
+    harmful = [{"prompt": r["prompt"], "category": r.get("category")} for r in harmful]
+    data = {
+        "harmful": harmful,
+        "over_refusal": {n: [r["prompt"] for r in load(n, limit=cfg.n_over_refusal)]
+                         for n in cfg.over_refusal},
+        "benign": [r["prompt"] for r in load(cfg.benign, limit=cfg.n_benign)],
+        "capability": load(cfg.capability, limit=cfg.n_capability) if cfg.capability else [],
+    }
+    for name, items in [("harmful", data["harmful"]), ("benign", data["benign"])]:
+        if not items:
+            raise HarcError(f"the {name} evaluation set is empty")
+    return data

@@ -1,0 +1,186 @@
+"""LoRA adapters: attach (PEFT), the fused LoRA projection of the training step, loading a saved
+adapter after a compatibility check, and merging."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from harc.errors import HarcError
+from harc.models import BUILTIN_MODELS, DEFAULT_TARGET_MODULES, model_identity, unwrap
+
+# PEFT 0.21 still reads a transformers property that transformers 5 deprecates, on every adapter
+# load and save: nothing a harc user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def attach_lora(model, *, r: int = 32, alpha: int = 64, dropout: float = 0.0,
+                target_modules=DEFAULT_TARGET_MODULES):
+    """Wrap the model with a fresh LoRA adapter (PEFT); base weights stay frozen."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in unwrap(model).named_modules()}
+    missing = [t for t in target_modules if t not in names]
+    if missing:
+        raise HarcError(f"LoRA target modules {missing} do not exist in this model")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                     target_modules=list(target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y = x W^T + b + s (x A^T) B^T, with the LoRA product accumulated into y by one GEMM.
+
+    PEFT computes B(A x) as a new [N, out] tensor, scales it and adds it to y: three extra passes
+    over the widest activation of every projection, forward and backward. Here the scaling goes on
+    the [N, r] side and the product lands in y in place (`addmm_`); backward mirrors it, adding
+    the LoRA input gradient into x's. Everything runs in the base weight's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+        dt = weight.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dt)
+            y = nn.functional.linear(x2, weight, bias)
+            a = nn.functional.linear(x2, lora_a.to(dt)).mul_(scaling)
+            y.addmm_(a, lora_b.to(dt).t())
+        ctx.save_for_backward(x2, weight, lora_a, lora_b, a)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, weight, lora_a, lora_b, a = ctx.saved_tensors
+        dt = weight.dtype
+        need_x, need_w, need_b, need_la, need_lb, _ = ctx.needs_input_grad
+        gx = gw = gbias = gla = glb = None
+        with torch.autocast(grad.device.type, enabled=False):
+            g = grad.reshape(-1, grad.shape[-1]).to(dt)
+            ga = (g @ lora_b.to(dt)).mul_(ctx.scaling)  # gradient w.r.t. x A^T
+            if need_x:
+                gx = (g @ weight).addmm_(ga, lora_a.to(dt)).view(ctx.x_shape).to(ctx.x_dtype)
+            if need_w:
+                gw = (g.t() @ x2).to(weight.dtype)
+            if need_b:
+                gbias = g.sum(0)
+            if need_la:
+                gla = (ga.t() @ x2).to(lora_a.dtype)
+            if need_lb:
+                glb = (g.t() @ a).to(lora_b.dtype)
+        return gx, gw, gbias, gla, glb, None
+
+
+@functools.cache
+def _fused_class():
+    """A subclass of PEFT's `lora.Linear` whose forward runs the plain case (one active adapter,
+    no dropout, no DoRA-style variant, unmerged) through `_LoraLinear`, and anything else
+    through PEFT. Swapping the class (not patching instances) keeps one code path for
+    torch.compile to guard on."""
+    from peft.tuners.lora.layer import Linear
+
+    class FusedLoraLinear(Linear):
+        def forward(self, x, *args, **kwargs):
+            names = [n for n in self.active_adapters if n in self.lora_A]
+            if (args or kwargs or self.disable_adapters or self.merged or len(names) != 1
+                    or names[0] in self.lora_variant
+                    or not isinstance(self.lora_dropout[names[0]], nn.Identity)):
+                return super().forward(x, *args, **kwargs)
+            n, base = names[0], self.base_layer
+            return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[n].weight,
+                                     self.lora_B[n].weight, float(self.scaling[n]))
+
+    return Linear, FusedLoraLinear
+
+
+@contextlib.contextmanager
+def fused_lora(model):
+    """Within the block, the model's LoRA projections run as `_LoraLinear` (same results, less
+    memory traffic); hold it across backward when checkpointing recomputes the forward."""
+    plain, fused = _fused_class()
+    layers = [m for m in model.modules() if type(m) is plain and type(m.base_layer) is nn.Linear]
+    for m in layers:
+        m.__class__ = fused
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__class__ = plain
+
+
+def check_adapter_compat(model, adapter_dir: str | Path) -> dict:
+    """Explain, before anything runs, why an adapter does not fit a model; return its config."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path = adapter_dir / "adapter_config.json"
+    if not cfg_path.exists():
+        raise HarcError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
+    if not any(adapter_dir.glob("adapter_model*.safetensors")):
+        raise HarcError(f"{adapter_dir} has no adapter_model.safetensors (pickled adapters are refused)")
+    acfg = json.loads(cfg_path.read_text())
+    base = unwrap(model)
+    ident = model_identity(base)
+    want = acfg.get("base_model_name_or_path") or ""
+    known = {ident["model"], base.config._name_or_path}
+    spec = BUILTIN_MODELS.get(ident["model"] or "")
+    if spec:
+        known.add(spec.hf_id)
+    problems = []
+    if want and not any(_same_model(want, k) for k in known if k):
+        problems.append(f"trained on {want}, loading onto {ident['model']}")
+    names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
+    targets = acfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    missing = [t for t in targets if t not in names]
+    if missing:
+        problems.append(f"target modules {missing} are absent from {ident['architecture']}")
+    meta_path = adapter_dir / "harc_adapter.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        for key in ("architecture", "n_layers", "hidden_size"):
+            if meta.get(key) is not None and meta[key] != ident[key]:
+                problems.append(f"{key} {meta[key]} != model's {ident[key]}")
+        if meta.get("revision") and ident["revision"] and meta["revision"] != ident["revision"]:
+            problems.append(f"base revision {meta['revision']} != model's {ident['revision']}")
+    if problems:
+        raise HarcError(f"adapter {adapter_dir} does not fit this model: " + "; ".join(problems))
+    return acfg
+
+
+def _same_model(a: str, b: str) -> bool:
+    norm = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
+    return norm(a) == norm(b)
+
+
+def load_adapter(model, adapter_dir: str | Path, *, trainable: bool = False):
+    """Attach a saved PEFT adapter (ours or a published HARC adapter) after a compatibility check."""
+    check_adapter_compat(model, adapter_dir)
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+@torch.no_grad()
+def merge_and_check(peft_model, inputs: list[torch.Tensor], *, atol: float | None = None):
+    """Merge the adapter into the base and return (merged_model, max |logit difference|).
+
+    `inputs` are [1, T] token-id tensors. Raises if merged and adapter logits disagree beyond a
+    bf16-scale tolerance (merging rounds the LoRA product into the base weights' dtype).
+    """
+    peft_model.eval()
+    before = [peft_model(input_ids=ids).logits.float() for ids in inputs]
+    merged = peft_model.merge_and_unload()
+    diff = max((b - merged(input_ids=ids).logits.float()).abs().max().item()
+               for b, ids in zip(before, inputs))
+    dtype = next(merged.parameters()).dtype
+    half = dtype in (torch.bfloat16, torch.float16)
+    tol = atol if atol is not None else (0.25 if half else 1e-3)
+    if not diff <= tol:
+        msg = f"merged model disagrees with adapter: max |logit diff| {diff:.4g} > {tol}"
+        if half:  # weight changes below the dtype's resolution round away when merged
+            name = str(dtype).removeprefix("torch.")
+            msg += f"; merging into {name} weights loses small adapter updates: merge in " \
+                   "float32 (--dtype float32)"
+        raise HarcError(msg)
+    return merged, diff

@@ -1,0 +1,100 @@
+"""A training method is one config class and one `Method` subclass over the shared `Trainer`.
+
+The trainer owns everything generic (data order, LoRA, optimizer and schedule, accumulation,
+non-finite steps, logging, checkpoints and exact resume); the method owns its loss and any state
+of its own (e.g. HARC's directions and selected layers), which it saves into checkpoints.
+
+    @register_method
+    class MyMethod(Method):
+        name = "mine"
+        Config = MyConfig          # a TrainConfig subclass with the method's keys
+        terms = ("ce", "kl")
+        def micro_step(self, mb, scale): ...   # forward, backward(scale), detached terms
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import Tensor
+
+from harc.chat import ChatFormat
+from harc.methods.batching import Example, MicroBatch, encode_example
+from harc.methods.config import TrainConfig
+from harc.registry import Registry
+
+
+class Method:
+    """Base class of training methods; subclasses set `name`, `Config`, `terms`, `micro_step`."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[TrainConfig]] = TrainConfig
+    terms: ClassVar[tuple[str, ...]] = ()
+    # Fields every harmful training record must have (the texts the method trains on).
+    harmful_fields: ClassVar[tuple[str, ...]] = ("prompt", "refusal")
+
+    def __init__(self, cfg: TrainConfig, model, chat: ChatFormat, data: Mapping[str, Sequence], *,
+                 directions=None):
+        """Runs before the adapter is attached: `model` is the base model here; the trainer
+        sets `self.model` to the adapted model afterwards."""
+        self.cfg, self.model, self.chat, self.data = cfg, model, chat, data
+
+    @classmethod
+    def needs_extraction_sets(cls, cfg: TrainConfig, directions) -> bool:
+        """Whether training needs response-side extraction pairs (HARC extracts directions)."""
+        return False
+
+    @classmethod
+    def encode(cls, cfg: TrainConfig, chat: ChatFormat, rec: Mapping, kind: int) -> Example:
+        return encode_example(chat, rec, kind, getattr(cfg, "n_resp_tokens", 32))
+
+    def weights(self) -> dict[str, float]:
+        """Weight of each term in the total loss."""
+        return {t: 1.0 for t in self.terms}
+
+    def micro_step(self, mb: MicroBatch, scale: float
+                   ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Forward and backward (loss x `scale`) of one micro-batch. Returns the detached terms
+        and [L, B] per-row statistics that the log averages per category (may be empty)."""
+        raise NotImplementedError
+
+    def log_fields(self) -> dict[str, Any]:
+        """Extra fields of every step's log record (e.g. the coupled layers)."""
+        return {}
+
+    def on_start(self, out: Path) -> dict[str, Any]:
+        """Write starting artifacts into `out`; fields of the "start" log record."""
+        return {}
+
+    def after_step(self, step: int, last: bool, status: Callable[[str], None]) -> list[dict]:
+        """Log records of work done between optimizer steps (e.g. a direction refresh)."""
+        return []
+
+    def on_end(self, out: Path) -> dict[str, Any]:
+        """Write final artifacts into `out`; fields of the "end" log record."""
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """JSON state kept in checkpoints (tensors go through `save`)."""
+        return {}
+
+    def save(self, folder: Path) -> None:
+        """Write the method's tensors into a checkpoint folder."""
+
+    def load(self, folder: Path, state: Mapping[str, Any]) -> None:
+        """Restore what `state` and `save` kept."""
+
+    def adapter_meta(self) -> dict[str, Any]:
+        """Fields recorded in harc_adapter.json beside the adapter."""
+        return {}
+
+
+METHODS: Registry[Method] = Registry("method", Method, group="harc.methods",
+                                     builtins=["harc.methods.harc"])
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a `Method` subclass available as `method: <cls.name>`."""
+    return METHODS.register(cls)

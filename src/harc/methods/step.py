@@ -1,0 +1,114 @@
+"""Pieces of a training step that every method shares: the decoder backbone and LM head, mixed
+precision without PEFT's input copies, the KL reference forward (same weights, adapter off, one
+copy in memory), compiled blocks and activation checkpointing."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from peft.helpers import disable_input_dtype_casting
+from torch import Tensor
+
+from harc.errors import HarcError
+from harc.methods.batching import MicroBatch
+from harc.models import decoder_layers, unwrap
+
+
+def backbone(model):
+    """The decoder stack without the LM head: its output is the final (normed) hidden state."""
+    base = unwrap(model)
+    body = getattr(base, "base_model", None)
+    if body is None or body is base:
+        raise HarcError(f"{type(base).__name__} has no separate decoder backbone and LM head")
+    return body
+
+
+def lm_head(model):
+    """The LM head as a function of hidden states (with Gemma-2 style logit soft-capping)."""
+    base = unwrap(model)
+    head = base.get_output_embeddings()
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    if not cap:
+        return head
+
+    def capped(h: Tensor) -> Tensor:
+        return torch.tanh(head(h) / cap) * cap
+    return capped
+
+
+def _half_on_cuda(model) -> bool:
+    dev = next(model.parameters()).device
+    return dev.type == "cuda" and unwrap(model).dtype in (torch.bfloat16, torch.float16)
+
+
+def autocast(model):
+    """bf16/fp16 models on CUDA run under autocast with PEFT's input casting off (see
+    `no_input_cast`): the LoRA weights stay float32 for the optimizer, their matmuls run in bf16."""
+    if not _half_on_cuda(model):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=unwrap(model).dtype)
+
+
+def no_input_cast(model):
+    """PEFT would copy each projection input to float32 for the float32 LoRA weights, and keep
+    that copy for backward (about 60% more activation memory at 7B scale); autocast makes it
+    unnecessary. Held across backward, so that checkpoint recomputation replays the same ops."""
+    if not _half_on_cuda(model):
+        return contextlib.nullcontext()
+    return disable_input_dtype_casting(model)
+
+
+@contextlib.contextmanager
+def compiled_blocks(model, on: bool = True):
+    """Within the block, every decoder block's forward runs through torch.compile. The capture
+    hooks stay outside the compiled region; the blocks share one code object, so a few graphs
+    (with and without grad) serve them all, and dynamic shapes spare a recompile per batch width."""
+    blocks = list(decoder_layers(model)) if on else []
+    before = [vars(b).get("forward") for b in blocks]
+    for b in blocks:
+        b.forward = torch.compile(b.forward, dynamic=True)
+    try:
+        # A block that fails to compile runs eagerly (with a warning) instead of ending the run.
+        with torch._dynamo.config.patch(suppress_errors=True) if on else contextlib.nullcontext():
+            yield
+    finally:
+        for b, f in zip(blocks, before, strict=True):
+            if f is None:
+                del b.forward
+            else:
+                b.forward = f
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Turn (non-reentrant) activation checkpointing of the decoder blocks on or off.
+
+    Non-reentrant checkpointing runs the forward with autograd on, so the coupling hooks' captures
+    stay in the graph; input embeddings are made to require grad, as PEFT needs for the reentrant
+    variant, so that either kind works."""
+    base = unwrap(model)
+    if on:
+        kwargs = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        base.enable_input_require_grads()
+    elif hasattr(base, "activation_checkpointing_disable"):
+        base.activation_checkpointing_disable()
+    else:
+        base.gradient_checkpointing_disable()
+
+
+@torch.no_grad()
+def kl_reference(model, mb: MicroBatch) -> Tensor | None:
+    """Final hidden states of the base model (adapter off) at the KL positions of retain rows;
+    None when the micro-batch has none. Runs on the retain rows only, trimmed of their common
+    left padding."""
+    if not mb.kl_rows.numel():
+        return None
+    rr, trim = mb.retain_rows, mb.retain_trim
+    with model.disable_adapter(), autocast(model):
+        hb = backbone(model)(input_ids=mb.ids[rr, trim:], attention_mask=mb.mask[rr, trim:],
+                             position_ids=mb.pos[rr, trim:], use_cache=False).last_hidden_state
+        return hb[mb.kl_sub_rows, mb.kl_cols - trim]
