@@ -284,22 +284,23 @@ def check_memory(world: World, strategy: str, model_config, *, capacity_gib: flo
     need = p.peak(gradient_checkpointing, compiled)
     if need <= capacity_gib:
         return p
-    what = {"single": "one GPU", "ddp": f"DDP on {world.size} GPUs",
-            "fsdp2": f"FSDP2 on {world.size} GPUs"}[kind]
+    what = {"single": "one GPU", "ddp": f"DDP over {world.size} GPUs",
+            "fsdp2": f"FSDP2 over {world.size} GPUs"}[kind]
     act = need - p.weights - p.weights_in_flight - p.lora - p.ddp_buckets
     fixes = []
     if not gradient_checkpointing and p.peak(True) <= capacity_gib:
         fixes.append("set gradient_checkpointing: true")
-    n = smallest_fsdp(dims, capacity_gib, checkpointing=gradient_checkpointing, compiled=compiled,
-                      **plan_kw)
-    if n is not None and (kind != "fsdp2" or n > world.size):
-        fixes.append(f"use FSDP2 on {n} GPUs")
+    for ckpt in (gradient_checkpointing, True):
+        n = smallest_fsdp(dims, capacity_gib, checkpointing=ckpt, compiled=compiled, **plan_kw)
+        if not fixes and n is not None and (kind != "fsdp2" or n > world.size):
+            with_ckpt = " with gradient_checkpointing: true" if ckpt > gradient_checkpointing else ""
+            fixes.append(f"use FSDP2 over {n} GPUs{with_ckpt}")
     raise HarcError(
-        f"{what} needs about {need:.0f} GiB per GPU for {dims.name} (computed: weights "
+        f"{dims.name} on {what} needs about {need:.0f} GiB per GPU (computed: weights "
         f"{p.weights + p.weights_in_flight:.0f}, LoRA state {p.lora + p.ddp_buckets:.1f}, "
         f"activations {act:.0f}), more than the {capacity_gib:.0f} GiB each has; "
         + (" or ".join(fixes) if fixes else "shorten the rows (max_prompt_tokens, "
-           "max_response_tokens) and enable gradient checkpointing"))
+           "max_response_tokens)"))
 
 
 def _pick_device(local_rank: int, device) -> torch.device:
