@@ -304,16 +304,17 @@ def check_memory(world: World, strategy: str, model_config, *, capacity_gib: flo
 
 
 def _pick_device(local_rank: int, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
+    dev = torch.device(device) if device is not None else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if dev.type != "cuda":
+        return dev
+    index = local_rank if dev.index is None else dev.index
     n = torch.cuda.device_count()
-    if local_rank >= n:
-        raise HarcError(f"LOCAL_RANK {local_rank} but this node has {n} CUDA device(s); start at "
-                        f"most {n} processes per node")
-    torch.cuda.set_device(local_rank)
-    return torch.device("cuda", local_rank)
+    if index >= n:
+        raise HarcError(f"LOCAL_RANK {local_rank} asks for CUDA device {index} but this node has "
+                        f"{n}; start at most {n} processes per node")
+    torch.cuda.set_device(index)  # NCCL's object collectives use the current device
+    return torch.device("cuda", index)
 
 
 def _divisors(n: int) -> str:
