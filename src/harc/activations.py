@@ -166,11 +166,20 @@ class MeanAccumulator:
         self.boot_sums: dict[str, Tensor] = {}
         self.boot_counts = torch.zeros(n_boot, dtype=torch.float64)
 
+    def _weights(self, b: int) -> Tensor:
+        return torch.poisson(torch.ones(self.n_boot, b, dtype=torch.float64), generator=self.gen)
+
+    def skip(self, b: int) -> None:
+        """Draw and drop the bootstrap weights of `b` examples that another rank accumulates, so
+        that every later example gets the weights a single process gives it."""
+        if self.n_boot:
+            self._weights(b)
+
     def add(self, views: dict[str, Tensor]) -> None:
         b = next(iter(views.values())).shape[0]
         w = None
         if self.n_boot:
-            w = torch.poisson(torch.ones(self.n_boot, b, dtype=torch.float64), generator=self.gen)
+            w = self._weights(b)
             self.boot_counts += w.sum(1)
         for name, x in views.items():
             x = x.detach().to("cpu", torch.float64)

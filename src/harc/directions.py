@@ -115,17 +115,31 @@ def _nonempty(name: str, items: Sequence) -> None:
         raise HarcError(f"the {name} set is empty; give at least one example")
 
 
+def _accumulate(acts, items: Sequence, acc: MeanAccumulator, batch_size: int, world=None
+                ) -> MeanAccumulator:
+    """Feed `acc` the batches of `acts(items)`, or this rank's share of them (harc.distributed)."""
+    if world is not None and world.size > 1:
+        from harc.distributed import accumulate_sharded
+
+        return accumulate_sharded(world, acts, items, acc, batch_size)
+    for views in acts(items):
+        acc.add(views)
+    return acc
+
+
 def extract_directions(
     model, chat: ChatFormat, *, harmful: Sequence[str], harmless: Sequence[str],
     harmful_completions: Sequence[tuple[str, str]], refusals: Sequence[tuple[str, str]],
     helpful: Sequence[tuple[str, str]], n_resp_tokens: int = 32, batch_size: int = 16,
     n_boot: int = 100, seed: int = 0, progress: Callable[[int], None] | None = None,
-    provenance: dict | None = None,
+    provenance: dict | None = None, world=None,
 ) -> Directions:
     """Difference-of-means directions at t_inst, t_post and over the response window.
 
     harmful/harmless: prompts. harmful_completions, refusals: (harmful prompt, text) pairs;
     helpful: (harmless prompt, answer) pairs. `progress(n)` is called after each batch.
+    world: a multi-process `harc.distributed.World`: each rank runs its share of the batches and
+    the sums are all-reduced; every rank returns the single-process directions and bootstrap.
     """
     for name, items in [("harmful", harmful), ("harmless", harmless),
                         ("harmful-completion", harmful_completions), ("refusal", refusals),
@@ -134,16 +148,16 @@ def extract_directions(
     kw = dict(batch_size=batch_size, progress=progress)
     prompt_acc = {}
     for i, (name, prompts) in enumerate([("harmful", harmful), ("harmless", harmless)]):
-        acc = MeanAccumulator(n_boot, seed + i)
-        for views in iter_prompt_acts(model, chat, prompts, **kw):
-            acc.add(views)
-        prompt_acc[name] = acc
+        prompt_acc[name] = _accumulate(
+            lambda items: iter_prompt_acts(model, chat, items, **kw), prompts,
+            MeanAccumulator(n_boot, seed + i), batch_size, world)
     resp_mean = {}
     for name, pairs in [("completion", harmful_completions), ("refusal", refusals),
                         ("helpful", helpful)]:
-        acc = MeanAccumulator()
-        for x in iter_response_acts(model, chat, pairs, n_tokens=n_resp_tokens, **kw):
-            acc.add({"resp": x})
+        acc = _accumulate(
+            lambda items: ({"resp": x} for x in iter_response_acts(
+                model, chat, items, n_tokens=n_resp_tokens, **kw)),
+            pairs, MeanAccumulator(), batch_size, world)
         resp_mean[name] = acc.mean("resp")
 
     h, b = prompt_acc["harmful"], prompt_acc["harmless"]

@@ -74,6 +74,18 @@ def steering(model, steer: Steer | None):
             h.remove()
 
 
+def encode_prompts(chat: ChatFormat, prompts: Sequence[str],
+                   prefills: Sequence[str | None]) -> list[list[int]]:
+    """Token ids of each prompt's generation input: the chat-rendered prompt, then its prefill."""
+    return [chat.encode_prompt(p) + (chat._tokenize(f) if f else [])
+            for p, f in zip(prompts, prefills)]
+
+
+def length_order(encoded: Sequence[Sequence[int]]) -> list[int]:
+    """Indices by increasing length (stable): `generate` batches them in this order."""
+    return sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+
+
 @torch.no_grad()
 def generate(model, chat: ChatFormat, prompts: Sequence[str], *, max_new_tokens: int = 128,
              batch_size: int = 16, prefills: Sequence[str | None] | None = None,
@@ -86,9 +98,8 @@ def generate(model, chat: ChatFormat, prompts: Sequence[str], *, max_new_tokens:
     """
     tok = chat.tokenizer
     prefills = list(prefills) if prefills is not None else [None] * len(prompts)
-    encoded = [chat.encode_prompt(p) + (chat._tokenize(f) if f else [])
-               for p, f in zip(prompts, prefills)]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    encoded = encode_prompts(chat, prompts, prefills)
+    order = length_order(encoded)
     dev = next(model.parameters()).device
     # generation_config.eos_token_id is a list for Llama-3.1 / Qwen2.5-Instruct
     eos = (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None))

@@ -89,17 +89,26 @@ class Evaluator:
         keys = [sha256_json([self.policy_key, p, f, steer]) for p, f in zip(prompts, prefills)]
         todo = [i for i, k in enumerate(keys) if not blocked[i] and k not in self.cache.store]
         if todo:
-            steer_obj = self._steer(steer)
-            advance = self.progress(desc, len(todo))
-            bs = self.cfg.batch_size
-            for s in range(0, len(todo), bs):
-                chunk = todo[s: s + bs]
-                outs = generate(self.model, self.chat, [prompts[i] for i in chunk],
-                                prefills=[prefills[i] for i in chunk], steer=steer_obj,
-                                max_new_tokens=self.cfg.max_new_tokens, batch_size=bs)
-                self.cache.add({keys[i]: o for i, o in zip(chunk, outs)})
-                advance(len(chunk))
+            self._generate_into_cache([(keys[i], prompts[i], prefills[i]) for i in todo],
+                                      self._steer(steer), desc)
         return [BLOCKED if b else self.cache.store[k] for k, b in zip(keys, blocked)]
+
+    def _generate_into_cache(self, items: list[tuple[str, str, str | None]], steer: Steer | None,
+                             desc: str) -> None:
+        """Generate (key, prompt, prefill) items batch by batch, appending each batch to the cache
+        (`harc.distributed.DataParallelEvaluator` deals the batches out to ranks instead)."""
+        advance = self.progress(desc, len(items))
+        bs = self.cfg.batch_size
+        for s in range(0, len(items), bs):
+            chunk = items[s: s + bs]
+            self.cache.add({k: o for (k, _, _), o in zip(chunk, self._generate_batch(chunk, steer))})
+            advance(len(chunk))
+
+    def _generate_batch(self, chunk: list[tuple[str, str, str | None]], steer: Steer | None
+                        ) -> list[str]:
+        return generate(self.model, self.chat, [p for _, p, _ in chunk],
+                        prefills=[f for _, _, f in chunk], steer=steer,
+                        max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.batch_size)
 
     def _steer(self, steer: str | None) -> Steer | None:
         if steer is None:
