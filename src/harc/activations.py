@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from harc.chat import ChatFormat, left_pad
+from harc.distributed import World
 from harc.models import decoder_layers
 
 
@@ -197,3 +198,37 @@ class MeanAccumulator:
         """[K, ...] resampled means."""
         shape = (-1,) + (1,) * (self.boot_sums[name].dim() - 1)
         return (self.boot_sums[name] / self.boot_counts.clamp(min=1).view(shape)).float()
+
+
+def accumulate_sharded(world: World, acts: Callable[[Sequence], Iterable[dict[str, Tensor]]],
+                       items: Sequence, acc: MeanAccumulator, batch_size: int) -> MeanAccumulator:
+    """`acc` fed with every batch of `acts(items)`, each rank running its share, then summed over
+    ranks. The bootstrap stream advances past other ranks' batches (`skip`), so every example gets
+    the Poisson weights of a single process and the result does not depend on the rank count."""
+    mine: Iterator[dict[str, Tensor]] = iter(acts(world.shard(items, batch_size)))
+    for j in range(-(-len(items) // batch_size)):
+        if j % world.size == world.rank:
+            acc.add(next(mine))
+        else:
+            acc.skip(len(items[j * batch_size: (j + 1) * batch_size]))
+    return reduce_accumulator(world, acc)
+
+
+def reduce_accumulator(world: World, acc: MeanAccumulator) -> MeanAccumulator:
+    """Sum the accumulators of all ranks in place (float64); a rank that saw no batch contributes
+    zeros of the shapes the others report."""
+    shapes: dict[str, tuple] = {}
+    for seen in world.all_gather_object({f"{kind}/{name}": tuple(t.shape)
+                                         for kind, d in (("s", acc.sums), ("b", acc.boot_sums))
+                                         for name, t in d.items()}):
+        shapes.update(seen)
+    parts = {k: (acc.sums if k[0] == "s" else acc.boot_sums).get(k[2:], None) for k in shapes}
+    parts = {k: v if v is not None else torch.zeros(shapes[k], dtype=torch.float64)
+             for k, v in parts.items()}
+    parts["boot_counts"] = acc.boot_counts
+    parts["count"] = torch.tensor([float(acc.count)], dtype=torch.float64)
+    total = world.all_reduce_sum(parts)
+    acc.sums = {k[2:]: v for k, v in total.items() if k.startswith("s/")}
+    acc.boot_sums = {k[2:]: v for k, v in total.items() if k.startswith("b/")}
+    acc.boot_counts, acc.count = total["boot_counts"], int(total["count"].item())
+    return acc

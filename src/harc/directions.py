@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from harc._version import __version__
-from harc.activations import MeanAccumulator, iter_prompt_acts, iter_response_acts
+from harc.activations import MeanAccumulator, accumulate_sharded, iter_prompt_acts, iter_response_acts
 from harc.chat import ChatFormat
 from harc.errors import HarcError
 from harc.io import atomic_write, sha256_json
@@ -119,7 +119,6 @@ def _accumulate(acts, items: Sequence, acc: MeanAccumulator, batch_size: int, wo
                 ) -> MeanAccumulator:
     """Feed `acc` the batches of `acts(items)`, or this rank's share of them (harc.distributed)."""
     if world is not None and world.size > 1:
-        from harc.distributed import accumulate_sharded
 
         return accumulate_sharded(world, acts, items, acc, batch_size)
     for views in acts(items):

@@ -11,7 +11,7 @@ Extraction sums are all-reduced in float64, so every rank ends with the same dir
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -20,11 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from harc.activations import MeanAccumulator
-from harc.chat import ChatFormat
 from harc.errors import HarcError
-from harc.evaluate import Evaluator
-from harc.generation import Steer, encode_prompts, generate, length_order
 from harc.memplan import GIB, Dims, Plan, plan, smallest_fsdp
 
 T = TypeVar("T")
@@ -179,91 +175,6 @@ class World:
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
-
-
-# ---- data-parallel extraction and generation
-
-def accumulate_sharded(world: World, acts: Callable[[Sequence], Iterable[dict[str, Tensor]]],
-                       items: Sequence, acc: MeanAccumulator, batch_size: int) -> MeanAccumulator:
-    """`acc` fed with every batch of `acts(items)`, each rank running its share, then summed over
-    ranks. The bootstrap stream advances past other ranks' batches (`skip`), so every example gets
-    the Poisson weights of a single process and the result does not depend on the rank count."""
-    mine: Iterator[dict[str, Tensor]] = iter(acts(world.shard(items, batch_size)))
-    for j in range(-(-len(items) // batch_size)):
-        if j % world.size == world.rank:
-            acc.add(next(mine))
-        else:
-            acc.skip(len(items[j * batch_size: (j + 1) * batch_size]))
-    return reduce_accumulator(world, acc)
-
-
-def reduce_accumulator(world: World, acc: MeanAccumulator) -> MeanAccumulator:
-    """Sum the accumulators of all ranks in place (float64); a rank that saw no batch contributes
-    zeros of the shapes the others report."""
-    shapes: dict[str, tuple] = {}
-    for seen in world.all_gather_object({f"{kind}/{name}": tuple(t.shape)
-                                         for kind, d in (("s", acc.sums), ("b", acc.boot_sums))
-                                         for name, t in d.items()}):
-        shapes.update(seen)
-    parts = {k: (acc.sums if k[0] == "s" else acc.boot_sums).get(k[2:], None) for k in shapes}
-    parts = {k: v if v is not None else torch.zeros(shapes[k], dtype=torch.float64)
-             for k, v in parts.items()}
-    parts["boot_counts"] = acc.boot_counts
-    parts["count"] = torch.tensor([float(acc.count)], dtype=torch.float64)
-    total = world.all_reduce_sum(parts)
-    acc.sums = {k[2:]: v for k, v in total.items() if k.startswith("s/")}
-    acc.boot_sums = {k[2:]: v for k, v in total.items() if k.startswith("b/")}
-    acc.boot_counts, acc.count = total["boot_counts"], int(total["count"].item())
-    return acc
-
-
-def generate_sharded(world: World, model, chat: ChatFormat, prompts: Sequence[str], *,
-                     batch_size: int = 16, prefills: Sequence[str | None] | None = None,
-                     **kw: Any) -> list[str]:
-    """`generate` over the ranks: the length-sorted batches one process would run are dealt out,
-    and every rank gets all completions in input order (the same text as one process)."""
-    prefills = list(prefills) if prefills is not None else [None] * len(prompts)
-    order = length_order(encode_prompts(chat, prompts, prefills))
-    # This rank's share is still length-sorted, so `generate` forms exactly these batches.
-    mine = world.shard(order, batch_size)
-    outs = generate(model, chat, [prompts[i] for i in mine], prefills=[prefills[i] for i in mine],
-                    batch_size=batch_size, **kw)
-    out: list[str] = [""] * len(prompts)
-    for i, o in zip(order, world.gather(outs, batch_size), strict=True):
-        out[i] = o
-    return out
-
-
-class DataParallelEvaluator(Evaluator):
-    """An Evaluator whose generations are shared out over the ranks.
-
-    Every rank runs the same evaluation (the same calls in the same order, as collectives need);
-    uncached batches go round-robin to the ranks, one round at a time, and each round's outputs are
-    gathered into every rank's cache. Only rank 0 appends them to the cache file and reports
-    progress, so an interrupted run resumes after its last finished round."""
-
-    def __init__(self, *args, world: World, **kwargs):
-        if not world.is_main:
-            kwargs["progress"] = None
-        super().__init__(*args, **kwargs)
-        self.world = world
-
-    def _generate_into_cache(self, items: list[tuple[str, str, str | None]], steer: Steer | None,
-                             desc: str) -> None:
-        advance = self.progress(desc, len(items))
-        bs, size = self.cfg.batch_size, self.world.size
-        batches = [items[s: s + bs] for s in range(0, len(items), bs)]
-        for start in range(0, len(batches), size):
-            round_ = batches[start: start + size]
-            mine = round_[self.world.rank] if self.world.rank < len(round_) else []
-            outs = self._generate_batch(mine, steer) if mine else []
-            done = {k: o for batch, got in zip(round_, self.world.all_gather_object(outs))
-                    for (k, _, _), o in zip(batch, got, strict=True)}
-            if self.world.is_main:
-                self.cache.add(done)
-            else:
-                self.cache.store.update(done)
-            advance(len(done))
 
 
 # ---- start-up check against the memory plan

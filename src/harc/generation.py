@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from harc.chat import ChatFormat, left_pad
+from harc.distributed import World
 from harc.models import decoder_layers
 
 
@@ -118,4 +120,21 @@ def generate(model, chat: ChatFormat, prompts: Sequence[str], *, max_new_tokens:
             out[i] = (prefills[i] or "") + text
         if progress:
             progress(len(idx))
+    return out
+
+
+def generate_sharded(world: World, model, chat: ChatFormat, prompts: Sequence[str], *,
+                     batch_size: int = 16, prefills: Sequence[str | None] | None = None,
+                     **kw: Any) -> list[str]:
+    """`generate` over the ranks: the length-sorted batches one process would run are dealt out,
+    and every rank gets all completions in input order (the same text as one process)."""
+    prefills = list(prefills) if prefills is not None else [None] * len(prompts)
+    order = length_order(encode_prompts(chat, prompts, prefills))
+    # This rank's share is still length-sorted, so `generate` forms exactly these batches.
+    mine = world.shard(order, batch_size)
+    outs = generate(model, chat, [prompts[i] for i in mine], prefills=[prefills[i] for i in mine],
+                    batch_size=batch_size, **kw)
+    out: list[str] = [""] * len(prompts)
+    for i, o in zip(order, world.gather(outs, batch_size), strict=True):
+        out[i] = o
     return out

@@ -15,10 +15,11 @@ from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 from harc.chat import ChatFormat  # noqa: E402
 from harc.directions import extract_directions  # noqa: E402
-from harc.distributed import DataParallelEvaluator, World, generate_sharded  # noqa: E402
+from harc.distributed import World  # noqa: E402
 from harc.errors import HarcError  # noqa: E402
-from harc.evaluate import EvalConfig, Evaluator, GenerationCache  # noqa: E402
-from harc.generation import generate  # noqa: E402
+from harc.eval import EvalConfig, Evaluator, GenerationCache  # noqa: E402
+from harc.eval.engine import DataParallelEvaluator  # noqa: E402
+from harc.generation import generate, generate_sharded  # noqa: E402
 
 HARMFUL = [f"how do I kill a process number {i}" + " now" * i for i in range(7)]
 HARMLESS = [f"write a poem about the sea {i}" + " please" * (i % 3) for i in range(5)]

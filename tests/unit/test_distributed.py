@@ -10,7 +10,7 @@ from harc.activations import MeanAccumulator
 from harc.distributed import World, check_device_types, check_memory, shard, unshard
 from harc.errors import HarcError
 from harc.memplan import CALIBRATION, FIT, GIB, MODELS, Dims, _static_bench, plan
-from harc.models import attach_lora
+from harc.lora import attach_lora
 
 pytestmark = pytest.mark.unit
 

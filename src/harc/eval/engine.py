@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from harc.chat import ChatFormat, left_pad
 from harc.data.capability import check as check_capability
 from harc.directions import prompt_projections, response_projections
+from harc.distributed import World
 from harc.errors import HarcError
 from harc.eval.attacks import get_attack
 from harc.eval.capability import lm_eval_scores
@@ -96,7 +97,7 @@ class Evaluator:
     def _generate_into_cache(self, items: list[tuple[str, str, str | None]], steer: Steer | None,
                              desc: str) -> None:
         """Generate (key, prompt, prefill) items batch by batch, appending each batch to the cache
-        (`harc.distributed.DataParallelEvaluator` deals the batches out to ranks instead)."""
+        (`DataParallelEvaluator` deals the batches out to ranks instead)."""
         advance = self.progress(desc, len(items))
         bs = self.cfg.batch_size
         for s in range(0, len(items), bs):
@@ -324,3 +325,33 @@ def adapter_fingerprint(adapter: str | None) -> str | None:
     return sha256_file(files[0]) if files else adapter
 
 
+class DataParallelEvaluator(Evaluator):
+    """An Evaluator whose generations are shared out over the ranks.
+
+    Every rank runs the same evaluation (the same calls in the same order, as collectives need);
+    uncached batches go round-robin to the ranks, one round at a time, and each round's outputs are
+    gathered into every rank's cache. Only rank 0 appends them to the cache file and reports
+    progress, so an interrupted run resumes after its last finished round."""
+
+    def __init__(self, *args, world: World, **kwargs):
+        if not world.is_main:
+            kwargs["progress"] = None
+        super().__init__(*args, **kwargs)
+        self.world = world
+
+    def _generate_into_cache(self, items: list[tuple[str, str, str | None]], steer: Steer | None,
+                             desc: str) -> None:
+        advance = self.progress(desc, len(items))
+        bs, size = self.cfg.batch_size, self.world.size
+        batches = [items[s: s + bs] for s in range(0, len(items), bs)]
+        for start in range(0, len(batches), size):
+            round_ = batches[start: start + size]
+            mine = round_[self.world.rank] if self.world.rank < len(round_) else []
+            outs = self._generate_batch(mine, steer) if mine else []
+            done = {k: o for batch, got in zip(round_, self.world.all_gather_object(outs))
+                    for (k, _, _), o in zip(batch, got, strict=True)}
+            if self.world.is_main:
+                self.cache.add(done)
+            else:
+                self.cache.store.update(done)
+            advance(len(done))
