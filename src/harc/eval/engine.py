@@ -152,7 +152,7 @@ class Evaluator:
             cats[p.category or "uncategorised"].append(s)
         stats = rate(success)
         rec = {"n": stats["n"], "success": stats["k"], "asr": stats["rate"], "ci": stats["ci"],
-               "judge": self.judge.name,
+               "judge": self.judge.name, "params": attack.params(),
                "per_category": {c: {"n": len(v), "success": sum(v), "asr": sum(v) / len(v),
                                     "ci": wilson(sum(v), len(v))} for c, v in sorted(cats.items())}}
         latent = self.latent_verdicts(probes, responses)
@@ -291,6 +291,10 @@ class Evaluator:
         run = {
             "name": self.name, "model": model_identity(self.model)["model"],
             "adapter": self.adapter, "filter": getattr(self.filter, "name", None),
+            "plugins": {"judge": {"name": self.judge.name, "params": self.judge.params()},
+                        **({"filter": {"name": self.filter.name, "params": self.filter.params(),
+                                       "calibration": self.filter.calibration}}
+                           if self.filter is not None else {})},
             "attacks": attacks,
             "mean_asr": sum(attacks[a]["asr"] for a in mean_names) / len(mean_names),
             "mean_asr_attacks": mean_names,
