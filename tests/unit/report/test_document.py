@@ -192,6 +192,11 @@ def test_malformed_part_costs_only_its_section(results, tmp_path):
     paths = write_report(res, tmp_path)
     html = paths["html"].read_text()
     assert 'id="attacks"' in html and "63.0%" in html
+    sections = dict(re.findall(r'<section id="([a-z_]+)">(.*?)</section>', html, re.S))
+    broken = {k for k, v in sections.items() if "could not be rendered" in v}
+    assert broken == {"geometry", "plane"}  # the failure is shown where it happened
+    assert {"summary", "attacks", "refusal", "judges", "training", "examples",
+            "provenance"} <= set(sections)
 
 
 def test_report_writes_are_atomic(results, tmp_path, monkeypatch):
