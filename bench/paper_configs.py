@@ -232,7 +232,7 @@ def check(name: str, args, device: str) -> dict:
             dtype = getattr(torch, args.merge_dtype) if args.merge_dtype else None
             rec["merge_dtype"] = args.merge_dtype or "the config's"
             rec["merge_max_logit_diff"] = merge_adapter(str(model_dir), run_dir / "train/adapter",
-                                                        merged, dtype=dtype)
+                                                        merged, dtype=dtype)["max_logit_diff"]
             clock.start(None)
     except Exception as e:  # record it and go on: one GPU run should answer for both configs
         clock.start(None)

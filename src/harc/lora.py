@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from harc.errors import HarcError
+from harc.io import atomic_write_text
 from harc.models import BUILTIN_MODELS, DEFAULT_TARGET_MODULES, model_identity, unwrap
 
 # PEFT 0.21 still reads a transformers property that transformers 5 deprecates, on every adapter
@@ -153,6 +154,44 @@ def check_adapter_compat(model, adapter_dir: str | Path) -> dict:
 def _same_model(a: str, b: str) -> bool:
     norm = lambda s: s.rstrip("/").split("/")[-1].lower()  # noqa: E731
     return norm(a) == norm(b)
+
+
+def _is_hub_id(s: str) -> bool:
+    return s.count("/") == 1 and not s.startswith((".", "/", "~")) and not Path(s).exists()
+
+
+def base_model_ids(spec: str) -> tuple[str, str | None]:
+    """(name_or_path, hub id or None) that an adapter of the model loaded from `spec` records.
+
+    A built-in name gives its hub id, a hub id itself. A local folder keeps its path (it may hold
+    a fine-tune of what it was loaded from), with the hub id its config.json names, if any
+    (`_name_or_path`, which transformers 4 wrote).
+    """
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec].hf_id, BUILTIN_MODELS[spec].hf_id
+    if not spec or _is_hub_id(spec):
+        return spec, spec or None
+    config = Path(spec).expanduser() / "config.json"
+    try:
+        named = json.loads(config.read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        named = None
+    return spec, named if isinstance(named, str) and _is_hub_id(named) else None
+
+
+def make_portable(adapter_dir: str | Path, spec: str) -> None:
+    """Point adapter_config.json's `base_model_name_or_path` at `base_model_ids(spec)[0]`.
+
+    PEFT records the path the base weights were read from: for a built-in model an absolute path
+    into this machine's cache, which names nothing elsewhere. A model without a name (built from
+    a config) leaves the field as PEFT wrote it.
+    """
+    if not spec:
+        return
+    path = Path(adapter_dir) / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = base_model_ids(spec)[0]
+    atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def load_adapter(model, adapter_dir: str | Path, *, trainable: bool = False):

@@ -17,12 +17,12 @@ def merge(
     out_dir: Annotated[Path, typer.Option("--out", help="folder for the merged model")],
     model: ModelOpt = "smollm2-135m-instruct",
     device: str | None = None,
-    dtype: str | None = None,
+    dtype: Annotated[str | None, typer.Option(help="dtype to merge and save in (float32, bfloat16, float16); default: the base model's")] = None,
 ):
     """Merge an adapter into its base model and check merged against adapter logits."""
     quiet_transformers()
-    diff = merge_adapter(model, adapter, out_dir, device=device, dtype=dtype)
-    out.print(f"merged -> {out_dir} (max |logit diff| vs adapter {diff:.3g})")
+    res = merge_adapter(model, adapter, out_dir, device=device, dtype=dtype)
+    out.print(f"merged -> {out_dir} ({res['dtype']}; max |logit diff| vs adapter {res['max_logit_diff']:.3g})")
 
 
 @app.command()

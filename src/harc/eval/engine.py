@@ -286,8 +286,11 @@ class Evaluator:
         for name, probes in probes_by_attack.items():
             responses = self.respond([p.prompt for p in probes[:2]], [p.prefill for p in probes[:2]],
                                      probes[0].steer if probes else None)
-            for p, r in zip(probes[:2], responses):
-                examples.append({"attack": name, "prompt": p.prompt, "response": r})
+            verdicts = self.judge.judge([p.source_prompt for p in probes[:2]], responses)
+            for p, r, v in zip(probes[:2], responses, verdicts):
+                examples.append({"attack": name, "prompt": p.prompt, "response": r,
+                                 "judge": v.judge, "refused": v.refused, "harmful": v.harmful,
+                                 "rationale": v.rationale})
         run = {
             "name": self.name, "model": model_identity(self.model)["model"],
             "adapter": self.adapter, "filter": getattr(self.filter, "name", None),

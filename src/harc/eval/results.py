@@ -4,6 +4,7 @@ the report, the plots, the model card and the terminal summary, so that they agr
 from __future__ import annotations
 
 import json
+import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,9 +39,13 @@ def cell_rate(cell: Mapping | None, rate_key: str = "asr", count_key: str = "suc
 
 
 def run_label(run: Mapping) -> str:
-    """Run name, with its input/output filter (the policy) when one was used."""
+    """Run name, with its input/output filter (the policy) when one was used and the name does
+    not already end with it (`harc eval` and `harc run` name filtered runs "base+keyword")."""
     name = str(run.get("name") or "run")
-    return f"{name} + {run['filter']}" if run.get("filter") else name
+    filt = str(run.get("filter") or "")
+    if not filt or name.replace(" ", "").endswith(f"+{filt}"):
+        return name
+    return f"{name} + {filt}"
 
 
 def mean_asr(run: Mapping) -> float | None:
@@ -63,16 +68,83 @@ def over_refusal_rate(run: Mapping, sets: Sequence[str] | None = None) -> float 
     return sum(rates) / len(rates) if rates else None
 
 
+def perplexity(run: Mapping, runs: Sequence[Mapping]) -> float | None:
+    """The run's perplexity on the benign prompts.
+
+    The evaluation of an adapter records the base model's perplexity on the same prompts as
+    `ppl_base`; a run of that base model (no adapter) without a `ppl` of its own shows it.
+    """
+    cap = run.get("capability") or {}
+    if _num(cap.get("ppl")) is not None or run.get("adapter"):
+        return _num(cap.get("ppl"))
+    for other in runs:
+        ocap = other.get("capability") or {}
+        if other.get("model") == run.get("model") and _num(ocap.get("ppl_base")) is not None:
+            return float(ocap["ppl_base"])
+    return None
+
+
+MIN_CAPABILITY_ITEMS = 30
+
+
+def capability_caveat(runs: Sequence[Mapping]) -> str | None:
+    """Why the capability items say nothing at this size, or None when they are informative."""
+    cells = [(r.get("capability") or {}).get("items") for r in runs]
+    cells = [c for c in cells if isinstance(c, Mapping) and _num(c.get("n"))]
+    if not cells:
+        return None
+    n = min(int(c["n"]) for c in cells)
+    if all(cell_rate(c, "acc", "correct")[0] == 0 for c in cells):
+        return (f"every run answered all {n} capability items wrong, so the capability measure is "
+                "not informative at this size")
+    if n < MIN_CAPABILITY_ITEMS:
+        return (f"only {n} capability items (fewer than {MIN_CAPABILITY_ITEMS}): the capability "
+                "measure is not informative at this size")
+    return None
+
+
+def training_speed(log: Sequence, refresh_every: int | None = None) -> tuple[float, int] | None:
+    """(median tokens/s, number of steps) over the typical training steps.
+
+    Left out: the first step (warm-up, compilation) and any step that follows a direction refresh
+    (every `refresh_every` steps) or a change of layers (recompilation): they are several times
+    slower and would misstate the speed of the run.
+    """
+    speeds, prev_layers = [], None
+    for i, r in enumerate(x for x in log if isinstance(x, Mapping)):
+        step, tps, layers = _num(r.get("step")), _num(r.get("tokens_per_s")), r.get("layers")
+        after_refresh = bool(refresh_every) and step is not None and step > 1 \
+            and (step - 1) % refresh_every == 0
+        changed = i > 0 and layers != prev_layers
+        prev_layers = layers
+        if tps is not None and i > 0 and not after_refresh and not changed:
+            speeds.append(tps)
+    return (statistics.median(speeds), len(speeds)) if speeds else None
+
+
+# What each directions file of a `harc run` folder holds (the report and the model card say it).
+DIRECTIONS_FILES = (
+    ("extract/directions.safetensors", "base directions, extracted from the base model before "
+     "training: the coupling targets; geometry \"before\""),
+    ("train/directions.safetensors", "the trainer's final directions: the base directions "
+     "blended with re-extractions at each refresh"),
+    ("train/adapter/directions.safetensors", "the copy shipped with the adapter: the base "
+     "directions of extract/"),
+    ("geometry_after/directions.safetensors", "re-extracted with the adapter on; geometry "
+     "\"after\""),
+)
+
+
 def load_results(results: Mapping | str | Path) -> dict:
     if isinstance(results, Mapping):
         return dict(results)
     path = Path(results)
     if not path.is_file():
-        raise HarcError(f"results file not found: {path}; run `harc evaluate` first")
+        raise HarcError(f"results file not found: {path}; run `harc eval` or `harc run` first")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HarcError(f"{path} is not readable JSON ({e}); re-run `harc evaluate`") from e
+        raise HarcError(f"{path} is not readable JSON ({e}); re-run `harc eval` or `harc run`") from e
     if not isinstance(data, dict):
         raise HarcError(f"{path} holds a {type(data).__name__}, not a results object")
     return data

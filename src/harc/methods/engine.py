@@ -34,7 +34,7 @@ from harc.chat import ChatFormat
 from harc.config import to_dict
 from harc.errors import HarcError
 from harc.io import atomic_write_json, atomic_write_text
-from harc.lora import attach_lora
+from harc.lora import attach_lora, make_portable
 from harc.methods.base import METHODS, Method
 from harc.methods.batching import MicroBatchSampler, collate
 from harc.methods.checkpoint import (
@@ -244,6 +244,7 @@ class Trainer:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         self.model.save_pretrained(str(tmp), safe_serialization=True)
+        make_portable(tmp, model_identity(self.model)["model"])
         (tmp / "harc_adapter.json").write_text(json.dumps(
             {**model_identity(self.model), "harc_version": __version__, "step": self.step,
              "method": self.cfg.method, **self.method.adapter_meta(),

@@ -207,7 +207,8 @@ def plot_cross_cos(mats: Mapping[int, Sequence[Sequence[float]]], names: Sequenc
     return _finish(fig, save)
 
 
-def _is_baseline_set(name: str) -> bool:
+def is_baseline_set(name: str) -> bool:
+    """A harmless / benign / XSTest set: drawn grey and never the end of an arrow."""
     n = name.lower()
     return any(w in n for w in ("harmless", "benign", "xstest", "safe"))
 
@@ -216,15 +217,18 @@ def _is_baseline_set(name: str) -> bool:
 def plot_plane(points: Mapping[str, Sequence[Sequence[float]]], layer: int,
                xlabel: str = "h(t_inst) projected on v_harm  (harmfulness →)",
                ylabel: str = "h(t_post) projected on v_ref  (refusal →)", *,
-               reference: str = "harmful (direct)", families: Sequence[str] | None = None,
+               reference: str | None = "harmful (direct)",
+               families: Sequence[str] | None = None,
                limits: tuple[tuple[float, float], tuple[float, float]] | None = None,
                title: str | None = None, save: str | Path | None = None) -> Figure:
     """Harmfulness-refusal plane: one colour per prompt set, centroids, and arrows.
 
-    Arrows run from the `reference` centroid to each jailbreak family's centroid (`families`;
-    default: every set that is neither the reference nor a harmless/benign/XSTest set), so the
-    shift an attack causes in each signal reads directly off the plot. `limits` =
-    ((x0, x1), (y0, y1)) fixes the axes, so that planes of several runs compare.
+    Arrows run from the `reference` centroid (None: no arrows) to each jailbreak family's
+    centroid (`families`; default: every set that is neither the reference nor a
+    harmless/benign/XSTest set), so the shift an attack causes in each signal reads directly off
+    the plot. Centroids are hollow crosses drawn on top, so a tight cloud stays visible under its
+    own marker. `limits` = ((x0, x1), (y0, y1)) fixes the axes, so that planes of several runs
+    compare.
     """
     if not points:
         raise HarcError("no prompt sets given for the plane plot")
@@ -237,7 +241,7 @@ def plot_plane(points: Mapping[str, Sequence[Sequence[float]]], layer: int,
         p = np.asarray(pts, dtype=float).reshape(-1, 2)
         if name == reference:
             colors[name] = "#000000"
-        elif _is_baseline_set(name):
+        elif is_baseline_set(name):
             colors[name] = GREY
         else:
             colors[name] = PALETTE[ci % 6]  # skip black: reserved for the reference set
@@ -249,11 +253,12 @@ def plot_plane(points: Mapping[str, Sequence[Sequence[float]]], layer: int,
         cents[name] = p.mean(0)
     if cents:
         c = np.array(list(cents.values()))
-        ax.scatter(c[:, 0], c[:, 1], s=110, marker="X", c=[colors[n] for n in cents],
-                   edgecolor="white", linewidth=1.2, zorder=6, label="centroids")
+        ax.scatter(c[:, 0], c[:, 1], s=120, marker="X", facecolors="none",
+                   edgecolors=[colors[n] for n in cents], linewidths=1.6, zorder=6,
+                   label="centroids")
     if families is None:
-        families = [n for n in cents if n != reference and not _is_baseline_set(n)]
-    if reference in cents:
+        families = [n for n in cents if n != reference and not is_baseline_set(n)]
+    if reference is not None and reference in cents:
         for fam in families:
             if fam in cents:
                 ax.add_patch(FancyArrowPatch(

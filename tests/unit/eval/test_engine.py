@@ -99,3 +99,18 @@ def test_eval_config_errors_name_the_key():
     with pytest.raises(HarcError, match="attack"):
         Evaluator(tiny_model("llama"), ChatFormat(tiny_tokenizer("chatml")),
                   EvalConfig(attacks=["no-such-attack"]), name="x").run(DATA)
+
+
+def test_sample_generations_carry_the_primary_judges_verdict(tmp_path):
+    from harc.eval.judges import get_judge
+
+    run = _evaluator(tmp_path).run(DATA)
+    ex = run["examples"]
+    assert [e["attack"] for e in ex] == ["direct", "direct", "refusal_suppression",
+                                          "refusal_suppression", "prefill", "prefill"]
+    judge = get_judge("refusal_string")
+    for e in ex:
+        (v,) = judge.judge([e["prompt"]], [e["response"]])
+        assert e["judge"] == "refusal_string"
+        assert e["refused"] is v.refused and e["harmful"] == v.harmful
+        assert "rationale" in e

@@ -117,7 +117,7 @@ def test_html_and_md_hold_the_fixture_numbers(report, results):
     assert re.search(r"<td>direct</td><td>refusal_string</td>", html)
     # the delta that got worse is marked so, the improvement too
     assert 'class="worse num">+0.5 pp' in html and 'class="better num">−56.0 pp' in html
-    assert "&quot;ramp_step&quot;: 1000" in html  # exact config at the end
+    assert "&#34;ramp_step&#34;: 1000" in html  # exact config at the end, escaped
     assert html.index('id="provenance"') > html.index('id="training"')
 
 
@@ -132,7 +132,7 @@ def test_generations_are_escaped(results, tmp_path):
     paths = write_report(res, tmp_path)
     html, md = paths["html"].read_text(), paths["md"].read_text()
     assert "<script" not in html and "<b>" not in html and "<img src=x" not in html
-    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html
     assert "&lt;/pre&gt;&lt;script&gt;bad()" in html
     assert "harc&lt;b&gt;" in html
     assert "https://example.com/x?a=1&amp;b=2" in html  # shown as text, never as a link
@@ -192,6 +192,11 @@ def test_malformed_part_costs_only_its_section(results, tmp_path):
     paths = write_report(res, tmp_path)
     html = paths["html"].read_text()
     assert 'id="attacks"' in html and "63.0%" in html
+    sections = dict(re.findall(r'<section id="([a-z_]+)">(.*?)</section>', html, re.S))
+    broken = {k for k, v in sections.items() if "could not be rendered" in v}
+    assert broken == {"geometry", "plane"}  # the failure is shown where it happened
+    assert {"summary", "attacks", "refusal", "judges", "training", "examples",
+            "provenance"} <= set(sections)
 
 
 def test_report_writes_are_atomic(results, tmp_path, monkeypatch):
