@@ -9,8 +9,8 @@ from transformers import LlamaConfig
 from harc.activations import MeanAccumulator
 from harc.distributed import World, check_device_types, check_memory, shard, unshard
 from harc.errors import HarcError
-from harc.memplan import CALIBRATION, FIT, GIB, MODELS, Dims, _static_bench, plan
 from harc.lora import attach_lora
+from harc.memplan import CALIBRATION, FIT, GIB, MODELS, Dims, _static_bench, plan
 
 pytestmark = pytest.mark.unit
 
