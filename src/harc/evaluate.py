@@ -5,7 +5,7 @@ the harmful requests under every attack (attack success = the judge finds no ref
 pseudo-harmful benign prompts (over-refusal), on plain benign instructions, and on verifiable
 capability items; an adapted model is also compared with its own base (adapter disabled) by KL
 and perplexity on benign answers. Generations are cached by content hash in a JSON-lines file
-appended after every batch, so an interrupted evaluation resumes without regenerating.
+appended as rows finish, so an interrupted evaluation resumes without regenerating.
 """
 
 from __future__ import annotations
@@ -164,14 +164,16 @@ class Evaluator:
         if todo:
             steer_obj = self._steer(steer)
             advance = self.progress(desc, len(todo))
-            bs = self.cfg.batch_size
-            for s in range(0, len(todo), bs):
-                chunk = todo[s: s + bs]
-                outs = generate(self.model, self.chat, [prompts[i] for i in chunk],
-                                prefills=[prefills[i] for i in chunk], steer=steer_obj,
-                                max_new_tokens=self.cfg.max_new_tokens, batch_size=bs)
-                self.cache.add({keys[i]: o for i, o in zip(chunk, outs)})
-                advance(len(chunk))
+
+            def done(rows: list[int], texts: list[str]) -> None:  # persisted as rows finish
+                self.cache.add({keys[todo[r]]: t for r, t in zip(rows, texts)})
+                advance(len(rows))
+
+            # One call for the whole set: the decoder orders it by length and refills slots.
+            generate(self.model, self.chat, [prompts[i] for i in todo],
+                     prefills=[prefills[i] for i in todo], steer=steer_obj,
+                     max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.batch_size,
+                     on_done=done)
         return [BLOCKED if b else self.cache.store[k] for k, b in zip(keys, blocked)]
 
     def _steer(self, steer: str | None) -> Steer | None:
