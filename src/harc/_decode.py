@@ -16,6 +16,7 @@ are the persistent state tensors, updated in place.
 from __future__ import annotations
 
 import inspect
+import time
 import warnings
 from collections import deque
 from collections.abc import Callable
@@ -163,6 +164,7 @@ class CudaGraphs:
     def __init__(self):
         self.graphs: dict = {}
         self.pool = None
+        self.seconds = 0.0  # spent capturing (warm-up steps excluded)
 
     def run(self, key, fn: Callable[[], None]) -> None:
         g = self.graphs.get(key)
@@ -174,11 +176,14 @@ class CudaGraphs:
         with torch.cuda.stream(side):
             fn()
         torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
             fn()
         self.pool = g.pool()
         self.graphs[key] = g
+        self.seconds += time.perf_counter() - t0
 
 
 def _round_up(n: int, m: int) -> int:
@@ -292,7 +297,7 @@ class Engine:
             return
         try:
             self.graphs.run((b, width), partial(self._step, b, width))
-            self.stats["graphs"] = len(self.graphs.graphs)
+            self.stats["graphs"], self.stats["capture_s"] = len(self.graphs.graphs), self.graphs.seconds
         except Unsupported:
             raise
         except Exception as e:  # a failed capture costs speed, never results: its step already ran
