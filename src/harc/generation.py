@@ -160,6 +160,7 @@ def _attention_impl(model, name: str) -> Iterator[None]:
         cfg._attn_implementation = old
 
 
+@torch.no_grad()
 def generate_tokens(model, seqs: list[list[int]], *, eos_ids: list[int], pad_id: int | None,
                     max_new_tokens: int, batch_size: int, finish: Finish,
                     monitor: Monitor | None = None, prefix_reuse: bool = True,
@@ -203,6 +204,7 @@ def generate_tokens(model, seqs: list[list[int]], *, eos_ids: list[int], pad_id:
     return {"fallback": True}
 
 
+@torch.no_grad()
 def generate_tokens_hf(model, seqs: list[list[int]], *, eos_ids: list[int], pad_id: int | None,
                        max_new_tokens: int, batch_size: int, finish: Finish) -> None:
     """The reference engine: transformers' `generate` on length-sorted chunks of `batch_size`,
