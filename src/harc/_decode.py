@@ -158,12 +158,13 @@ def prefix_groups(seqs: list[list[int]], min_len: int = 32, overhead: int = 64
 class CudaGraphs:
     """One CUDA graph per decode-step bucket, sharing a memory pool (replays never overlap).
 
-    The first step of a new bucket runs eagerly on a side stream (the warm-up capture needs; it is a
-    real step) and is then captured; later steps replay it."""
+    The first step of a new bucket runs eagerly on a side stream, as the warm-up before a capture
+    (it is a real step), and is then captured; later steps of that bucket replay it."""
 
     def __init__(self):
         self.graphs: dict = {}
         self.pool = None
+        self.side = torch.cuda.Stream()  # one stream: the allocator caches blocks per stream
         self.seconds = 0.0  # spent capturing (warm-up steps excluded)
 
     def run(self, key, fn: Callable[[], None]) -> None:
@@ -171,11 +172,10 @@ class CudaGraphs:
         if g is not None:
             g.replay()
             return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
             fn()
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream().wait_stream(self.side)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         g = torch.cuda.CUDAGraph()
