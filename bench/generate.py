@@ -58,6 +58,11 @@ ARCHS = {
                                                        "high_freq_factor": 4.0,
                                                        "original_max_position_embeddings": 8192},
                                       tie_word_embeddings=False)),
+    "smollm2-135m": ("LlamaConfig", dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
+                                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                         max_position_embeddings=8192, rms_norm_eps=1e-5,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1e5},
+                                         tie_word_embeddings=True)),  # for CPU figures
     "tiny": ("LlamaConfig", dict(num_hidden_layers=4, hidden_size=128, intermediate_size=256,
                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
                                  max_position_embeddings=4096, tie_word_embeddings=False)),
