@@ -219,7 +219,7 @@ def generate_tokens_hf(model, seqs: list[list[int]], *, eos_ids: list[int], pad_
         gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, temperature=None, top_p=None, top_k=None,
                              repetition_penalty=1.0,  # plain greedy (Qwen2.5 ships 1.05)
-                             eos_token_id=eos_ids or None, pad_token_id=pad)
+                             eos_token_id=eos_ids, pad_token_id=pad)  # [] overrides the model's
         toks = []
         for row in gen[:, ids.shape[1]:].tolist():  # rows that stopped early are padded after EOS
             end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))

@@ -314,6 +314,18 @@ def test_unsupported_model_falls_back_to_transformers_generate():
     assert new == ref and stats == {"fallback": True}
 
 
+def test_no_eos_ids_means_full_length_rows_in_both_engines():
+    tok, model = tiny_tokenizer("chatml"), sharp(tiny_model("llama"))
+    ref, _, _ = run_both(model, tok, PROMPTS[:4])
+    model.generation_config.eos_token_id = frequent_token(ref)  # would stop rows if used
+    seqs = [ChatFormat(tok).encode_prompt(p) for p in PROMPTS[:4]]
+    for engine in (generate_tokens_hf, generate_tokens):
+        out = []
+        engine(model, seqs, eos_ids=[], pad_id=tok.pad_token_id, max_new_tokens=16, batch_size=2,
+               finish=lambda rows, toks, _s, out=out: out.extend(toks))
+        assert [len(t) for t in out] == [16] * 4
+
+
 def test_bad_settings_are_harc_errors():
     tok, model = tiny_tokenizer("chatml"), sharp(tiny_model("llama"))
     with pytest.raises(HarcError, match="max_new_tokens"):
