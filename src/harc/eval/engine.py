@@ -5,7 +5,7 @@ the harmful requests under every attack (attack success = the judge finds no ref
 pseudo-harmful benign prompts (over-refusal), on plain benign instructions, and on verifiable
 capability items; an adapted model is also compared with its own base (adapter disabled) by KL
 and perplexity on benign answers. Generations are cached by content hash in a JSON-lines file
-appended after every batch, so an interrupted evaluation resumes without regenerating.
+appended as rows finish, so an interrupted evaluation resumes without regenerating.
 """
 
 from __future__ import annotations
@@ -96,20 +96,19 @@ class Evaluator:
 
     def _generate_into_cache(self, items: list[tuple[str, str, str | None]], steer: Steer | None,
                              desc: str) -> None:
-        """Generate (key, prompt, prefill) items batch by batch, appending each batch to the cache
-        (`DataParallelEvaluator` deals the batches out to ranks instead)."""
+        """Generate (key, prompt, prefill) items in one call, appending rows to the cache as they
+        finish, so that an interrupted evaluation resumes without regenerating them
+        (`DataParallelEvaluator` shares the items out to ranks instead)."""
         advance = self.progress(desc, len(items))
-        bs = self.cfg.batch_size
-        for s in range(0, len(items), bs):
-            chunk = items[s: s + bs]
-            self.cache.add({k: o for (k, _, _), o in zip(chunk, self._generate_batch(chunk, steer))})
-            advance(len(chunk))
 
-    def _generate_batch(self, chunk: list[tuple[str, str, str | None]], steer: Steer | None
-                        ) -> list[str]:
-        return generate(self.model, self.chat, [p for _, p, _ in chunk],
-                        prefills=[f for _, _, f in chunk], steer=steer,
-                        max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.batch_size)
+        def done(rows: list[int], texts: list[str]) -> None:
+            self.cache.add({items[r][0]: t for r, t in zip(rows, texts)})
+            advance(len(rows))
+
+        # One call for the whole set: the decoder orders it by length and refills slots.
+        generate(self.model, self.chat, [p for _, p, _ in items], prefills=[f for _, _, f in items],
+                 steer=steer, max_new_tokens=self.cfg.max_new_tokens,
+                 batch_size=self.cfg.batch_size, on_done=done)
 
     def _steer(self, steer: str | None) -> Steer | None:
         if steer is None:
@@ -336,9 +335,9 @@ class DataParallelEvaluator(Evaluator):
     """An Evaluator whose generations are shared out over the ranks.
 
     Every rank runs the same evaluation (the same calls in the same order, as collectives need);
-    uncached batches go round-robin to the ranks, one round at a time, and each round's outputs are
-    gathered into every rank's cache. Only rank 0 appends them to the cache file and reports
-    progress, so an interrupted run resumes after its last finished round."""
+    each uncached request set is dealt out to the ranks in blocks of one batch, and the outputs
+    are gathered into every rank's cache in input order. Only rank 0 appends them to the cache
+    file and reports progress."""
 
     def __init__(self, *args, world: World, **kwargs):
         if not world.is_main:
@@ -349,16 +348,14 @@ class DataParallelEvaluator(Evaluator):
     def _generate_into_cache(self, items: list[tuple[str, str, str | None]], steer: Steer | None,
                              desc: str) -> None:
         advance = self.progress(desc, len(items))
-        bs, size = self.cfg.batch_size, self.world.size
-        batches = [items[s: s + bs] for s in range(0, len(items), bs)]
-        for start in range(0, len(batches), size):
-            round_ = batches[start: start + size]
-            mine = round_[self.world.rank] if self.world.rank < len(round_) else []
-            outs = self._generate_batch(mine, steer) if mine else []
-            done = {k: o for batch, got in zip(round_, self.world.all_gather_object(outs))
-                    for (k, _, _), o in zip(batch, got, strict=True)}
-            if self.world.is_main:
-                self.cache.add(done)
-            else:
-                self.cache.store.update(done)
-            advance(len(done))
+        bs = self.cfg.batch_size
+        mine = self.world.shard(items, bs)
+        outs = generate(self.model, self.chat, [p for _, p, _ in mine],
+                        prefills=[f for _, _, f in mine], steer=steer,
+                        max_new_tokens=self.cfg.max_new_tokens, batch_size=bs) if mine else []
+        done = {k: o for (k, _, _), o in zip(items, self.world.gather(outs, bs), strict=True)}
+        if self.world.is_main:
+            self.cache.add(done)
+        else:
+            self.cache.store.update(done)
+        advance(len(done))

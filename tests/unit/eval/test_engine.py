@@ -41,17 +41,19 @@ def test_run_metrics_and_interrupted_evaluation_resumes_without_regenerating(tmp
     calls = []
     real = E.generate
 
-    def counting(model, chat, prompts, **kw):
+    def interrupted(model, chat, prompts, on_done, **kw):
         calls.append(len(prompts))
-        if len(calls) == 2:
-            raise KeyboardInterrupt  # killed after the first batch was written
-        return real(model, chat, prompts, **kw)
 
-    monkeypatch.setattr(E, "generate", counting)
+        def once(rows, texts):
+            on_done(rows, texts)
+            raise KeyboardInterrupt  # killed right after the first finished rows were written
+        return real(model, chat, prompts, on_done=once, **kw)
+
+    monkeypatch.setattr(E, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _evaluator(tmp_path).run(DATA)
     first = len(GenerationCache(tmp_path / "gen.jsonl").store)
-    assert first == calls[0] == 4
+    assert 0 < first < calls[0] == 6  # one call for the attack's 6 prompts, persisted row-wise
     calls.clear()
     monkeypatch.setattr(E, "generate", lambda *a, **kw: calls.append(len(a[2])) or real(*a, **kw))
     run = _evaluator(tmp_path).run(DATA)
