@@ -102,6 +102,9 @@ class ServeConfig(_Strict):
             if not a.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"adapter name {a!r} may hold only letters, digits, - and _ "
                                  "(it names a PEFT module)")
+            if a in "lora_":  # PEFT matches weight names by this prefix; such names clash
+                raise ValueError(f"adapter name {a!r} is part of PEFT's 'lora_' prefix; "
+                                 "choose another")
         for pname, p in self.policies.items():
             if p.base != self.base_name and p.base not in self.adapters:
                 raise ValueError(f"policy {pname!r}: base {p.base!r} is neither the base model "

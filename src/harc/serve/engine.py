@@ -198,7 +198,9 @@ class Engine:
         cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
         if cut >= 0:
             text = text[:cut]
-        n = len(self.chat._tokenize(text))
+        # generate() returns text, so tokens are counted again; a decode/encode round trip can
+        # split a character differently, hence the cap.
+        n = min(len(self.chat._tokenize(text)), job.max_tokens)
         return Outcome(text, "length" if cut < 0 and n >= job.max_tokens else "stop", n)
 
 
