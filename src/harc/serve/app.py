@@ -142,7 +142,7 @@ def create_app(cfg: ServeConfig, model, tokenizer, *, api_key: str | None = None
     async def health():
         if state["draining"]:
             return JSONResponse({"status": "draining"}, status_code=503)
-        return {"status": "ok", "active_requests": state["active"]}
+        return {"status": "ok", "active_requests": state["active"], "batches": engine.batches}
 
     @app.get("/v1/models")
     async def models(request: Request):

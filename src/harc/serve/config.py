@@ -52,14 +52,17 @@ class PolicyConfig(_Strict):
 
 class Limits(_Strict):
     max_tokens: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
-    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
+    default_max_tokens: int = Field(
+        256, ge=1, description="max_tokens when a request gives none (at most max_tokens)")
     max_prompt_tokens: int = Field(4096, ge=16, description="rendered conversation length cap")
     max_concurrent_requests: int = Field(64, ge=1, description="beyond it: 429")
     max_body_bytes: int = Field(1_000_000, ge=1024, description="beyond it: 413")
 
     @model_validator(mode="after")
     def _default_within_cap(self):
-        if self.default_max_tokens > self.max_tokens:
+        if "default_max_tokens" not in self.model_fields_set:
+            self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
+        elif self.default_max_tokens > self.max_tokens:
             raise ValueError("default_max_tokens must not exceed max_tokens")
         return self
 

@@ -34,11 +34,14 @@ def _load(tmp_path, text, overrides=None, **fields):
 
 
 def test_yaml_overrides_and_options(tmp_path):
+    from harc.serve.config import ServeConfig
+
     cfg = _load(tmp_path, YAML, ["limits.max_tokens=128", "batching.wait_ms=5"], port=9001)
     assert cfg.served_names() == ["smollm2-135m-instruct", "harc", "harc+keyword"]
     assert cfg.adapter_of("harc+keyword") == "harc" and cfg.adapter_of(cfg.base_name) is None
     assert cfg.limits.max_tokens == 128 and cfg.batching.wait_ms == 5 and cfg.port == 9001
     assert cfg.host == "127.0.0.1"  # loopback unless asked otherwise
+    assert ServeConfig(limits={"max_tokens": 16}).limits.default_max_tokens == 16  # follows the cap
     assert _load(tmp_path, "serve:\n  model: x/y\n").model == "x/y"  # a serve: section works too
 
 
