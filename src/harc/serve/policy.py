@@ -57,7 +57,10 @@ def _latent(c: LatentLayer, model, chat) -> PolicyLayer:
 
     dirs = Directions.load(c.directions, model)
     if c.layer is None:
-        sel = select_layers(dirs, 4)
+        try:
+            sel = select_layers(dirs, 4)
+        except ValueError as e:  # too few layers for the selection band
+            raise HarcError(f"latent layer: {e}; set layer: explicitly") from None
         layer = sel[len(sel) // 2]
     elif 0 <= c.layer < dirs.n_slots:
         layer = c.layer
