@@ -64,10 +64,15 @@ def garak_files(run_dir: Path, url: str, *, max_tokens: int, prompt_cap: int,
     return cfg_path, opt_path
 
 
+def _prefix(target: str) -> str:
+    """File-name stem of one target's garak files (report, hit log, our log)."""
+    return "garak." + "".join(c if c.isalnum() or c in "-_" else "_" for c in target)
+
+
 def run_garak(python: str, target: str, probes: list[str], run_dir: Path, api_key: str, *,
               config: Path, options: Path, timeout: float) -> Path:
     """One garak run against one served name; returns its report JSONL."""
-    prefix = "garak." + "".join(c if c.isalnum() or c in "-_" else "_" for c in target)
+    prefix = _prefix(target)
     home = (run_dir / "garak-home").resolve()
     env = {**os.environ, "XDG_CONFIG_HOME": str(home / "config"),
            "XDG_DATA_HOME": str(home / "data"), "XDG_CACHE_HOME": str(home / "cache"),
@@ -147,6 +152,14 @@ def parse_report(path: Path, *, examples: int = 3) -> dict:
     return {"garak_version": version, "probes": dict(probes), "examples": found}
 
 
+def unscored(parsed: dict, probes: list[str]) -> list[str]:
+    """Probes without one scored output: garak skips a detector it cannot load (one that needs a
+    hub model, offline here) and still exits 0; a probe whose requests all failed scores nothing
+    either."""
+    return [p for p in probes if not any(
+        c["n"] for c in (parsed["probes"].get(p) or {}).get("detectors", {}).values())]
+
+
 def _cell(hits: int, n: int, nones: int = 0) -> dict:
     lo, hi = wilson_interval(hits, n)
     return {"n": n, "hits": hits, "nones": nones, "rate": hits / n if n else None, "ci": [lo, hi]}
@@ -183,6 +196,11 @@ def run_redteam(cfg, model, tokenizer, *, probes: list[str], targets: list[str] 
             report = run_garak(garak_python, name, probes, out_dir, api_key, config=config,
                                options=options, timeout=timeout)
             parsed = parse_report(report)
+            empty = unscored(parsed, probes)
+            if empty:
+                raise HarcError(f"garak scored no output of {empty} against {name}: their "
+                                "detectors did not load (a hub model?) or every request failed; "
+                                f"see {out_dir / (_prefix(name) + '.log')}")
             policy = cfg.policies.get(name)
             rows.append({"name": name, "adapter": cfg.adapter_of(name),
                          "layers": [layer.type for layer in policy.layers] if policy else [],

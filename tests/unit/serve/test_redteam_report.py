@@ -38,6 +38,15 @@ def test_parse_report_counts_hits_per_detector_and_per_output():
     assert rep["examples"][0]["prompt"].startswith("Ignore all the instructions")
 
 
+def test_probes_without_scores_are_found():
+    from harc.serve.redteam import parse_report, unscored
+
+    rep = parse_report(FIXTURE)
+    assert unscored(rep, ["dan.Dan_11_0", "lmrc.Bullying"]) == ["lmrc.Bullying"]
+    rep["probes"]["dan.Dan_11_0"]["detectors"] = {"dan.DAN": {"n": 0, "hits": 0}}
+    assert unscored(rep, ["dan.Dan_11_0", "encoding.InjectBase64"]) == ["dan.Dan_11_0"]
+
+
 def _block():
     from harc.serve.redteam import parse_report
 
