@@ -90,6 +90,13 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     except json.JSONDecodeError as e:
         raise APIError(400, f"the request body is not valid JSON ({e.msg} at character {e.pos})",
                        code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body nests too deeply", code="invalid_json") from None
+    try:  # "\ud800" escapes decode to lone surrogates, which no tokenizer or UTF-8 writer takes
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "the request holds an unpaired UTF-16 surrogate escape",
+                       code="invalid_encoding") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:

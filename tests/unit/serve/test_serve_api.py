@@ -127,6 +127,9 @@ BAD = [
     ("malformed JSON", {"content": b'{"model": "tiny", "messages": ['}, 400, "invalid_json", None),
     ("non-UTF-8 body", {"content": b'{"model": "\xff\xfe"}'}, 400, "invalid_encoding", None),
     ("JSON that is not an object", {"json": ["tiny"]}, 400, "invalid_json", None),
+    ("deeply nested JSON", {"content": b"[" * 1000 + b"]" * 1000}, 400, "invalid_json", None),
+    ("lone surrogate escape", {"content": b'{"model": "tiny", "messages": [{"role": "user", '
+                               b'"content": "hi \\ud800"}]}'}, 400, "invalid_encoding", None),
     ("missing model", {"json": {"messages": [{"role": "user", "content": "hi"}]}}, 400,
      "missing_required_parameter", "model"),
     ("unknown model", {"json": user("hi", model="gpt-9")}, 404, "model_not_found", "model"),
