@@ -69,6 +69,8 @@ def _start_server(args, adapter: Path, port: int) -> subprocess.Popen:
            "--log-level", "warning", f"limits.max_tokens={args.max_tokens}",
            f"limits.max_concurrent_requests={max(64, args.clients)}",
            f"batching.max_batch_size={args.batch_size}", f"batching.wait_ms={args.wait_ms}"]
+    if args.threads:
+        cmd.append(f"threads={args.threads}")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
 
@@ -149,11 +151,13 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=16, help="server batching.max_batch_size")
     ap.add_argument("--wait-ms", type=float, default=10.0, help="server batching.wait_ms")
+    ap.add_argument("--threads", type=int, help="server torch threads (default: torch's)")
     ap.add_argument("--request-timeout", type=float, default=900.0)
     ap.add_argument("--timeout", type=float, default=3600.0, help="bound on the whole run")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     deadline = time.monotonic() + args.timeout
+    load_before = os.getloadavg()[0]  # on a shared machine, how busy the CPU already was
     tmp = tempfile.TemporaryDirectory(prefix="serve_load.")
     adapter = args.adapter or _random_adapter(args.model, Path(tmp.name) / "adapter")
     port = _free_port()
@@ -161,8 +165,10 @@ def main() -> None:
     proc = _start_server(args, adapter, port)
     try:
         _wait_ready(proc, url, deadline)
-        scenarios = [asyncio.run(_scenario(url, m, args, deadline))
-                     for m in (args.model, "harc", "harc+keyword")]
+        scenarios = []
+        for m in (args.model, "harc", "harc+keyword"):
+            scenarios.append(asyncio.run(_scenario(url, m, args, deadline)))
+            print(f"{m}: {scenarios[-1]['wall_s']} s", file=sys.stderr, flush=True)
     except TimeoutError:
         sys.exit(f"the run exceeded --timeout {args.timeout:g} s")
     finally:
@@ -174,6 +180,8 @@ def main() -> None:
 
     result = {"bench": "serve_load", "date": time.strftime("%Y-%m-%d"),
               "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "device": "cpu",
+                          "load_average_1min": [round(load_before, 2),
+                                                round(os.getloadavg()[0], 2)],
                           "torch": torch.__version__, "transformers": transformers.__version__},
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                            if k != "out"} | {"adapter": str(args.adapter or "random LoRA r16")},

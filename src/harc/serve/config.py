@@ -77,6 +77,9 @@ class ServeConfig(_Strict):
     name: str | None = Field(None, description="served name of the base model (default: model)")
     device: str | None = None
     dtype: str | None = None
+    threads: int | None = Field(
+        None, ge=1, description="torch CPU threads (default: torch's); 1 on a CPU shared with "
+        "other work, where OpenMP threads waiting on each other waste most of the time")
     adapters: dict[str, Path] = Field(default_factory=dict)
     policies: dict[str, PolicyConfig] = Field(default_factory=dict)
     limits: Limits = Field(default_factory=Limits)

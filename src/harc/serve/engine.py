@@ -240,6 +240,10 @@ def load_served(cfg) -> tuple:
     """The base model of a ServeConfig with every adapter loaded under its served name."""
     from harc.models import check_adapter_compat, load_model
 
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     if not cfg.adapters:
         return model, tok

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 from serve_helpers import peft_two_adapters
 from tiny import tiny_model, tiny_tokenizer
 
@@ -146,15 +147,18 @@ def test_load_served_puts_each_adapter_under_its_name(tmp_path):
     from harc.models import load_model
 
     for name, seed in (("alpha", 1), ("beta", 2)):
-        import torch
-
         torch.manual_seed(seed)
         m, _ = load_model(str(base_dir), device="cpu")
         get_peft_model(m, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
                        ).save_pretrained(tmp_path / name)
-    cfg = _cfg(model=str(base_dir), device="cpu",
+    cfg = _cfg(model=str(base_dir), device="cpu", threads=1,
                adapters={"alpha": str(tmp_path / "alpha"), "beta": str(tmp_path / "beta")})
-    model, tok = load_served(cfg)
+    threads = torch.get_num_threads()
+    try:
+        model, tok = load_served(cfg)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert set(model.peft_config) == {"alpha", "beta"}
     with pytest.raises(HarcError, match="not a PEFT adapter"):
         load_served(_cfg(model=str(base_dir), device="cpu", adapters={"x": str(tmp_path)}))
