@@ -111,7 +111,7 @@ def create_app(cfg: ServeConfig, model, tokenizer, *, api_key: str | None = None
 
     app = FastAPI(title="harc serve", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.state.engine, app.state.cfg = engine, cfg
+    app.state.engine = engine
 
     @app.exception_handler(P.APIError)
     async def _api_error(_req, e: P.APIError):

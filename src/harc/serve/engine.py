@@ -72,7 +72,7 @@ class EngineClosed(Exception):
 class Engine:
     def __init__(self, model, tokenizer, targets: dict[str, Target], *, max_batch_size: int = 16,
                  wait_ms: float = 10.0, generate_fn=run_generate):
-        self.model, self.tokenizer, self.targets = model, tokenizer, targets
+        self.model, self.targets = model, targets
         self.chat = RenderedChat(tokenizer)
         self.max_batch_size, self.wait_s = max_batch_size, wait_ms / 1000
         self.generate_fn = generate_fn
