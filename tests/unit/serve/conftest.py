@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import pytest
-
-pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
-
-from serve_helpers import KEY  # noqa: E402
-from tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from serve_helpers import KEY
+from tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture
 def make_client(tmp_path):
     """make_client(model=None, **config) -> a started TestClient (lifespan run) for ServeConfig
-    keys; the served base name is "tiny"."""
+    keys; the served base name is "tiny". Modules using it importorskip fastapi and httpx."""
     from fastapi.testclient import TestClient
 
     from harc.serve.app import create_app

@@ -11,6 +11,8 @@ import pytest
 from serve_helpers import AUTH, user
 
 pytestmark = pytest.mark.unit
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
 
 KEYWORD_POLICY = {"tiny+kw": {"base": "tiny", "layers": [{"type": "keyword"}]}}
 LIMITS = {"max_tokens": 12, "default_max_tokens": 6, "max_prompt_tokens": 96,

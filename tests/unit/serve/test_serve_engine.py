@@ -11,6 +11,7 @@ from serve_helpers import peft_two_adapters
 from tiny import tiny_model, tiny_tokenizer
 
 pytestmark = pytest.mark.unit
+pytest.importorskip("pydantic")
 
 
 def _cfg(**kw):

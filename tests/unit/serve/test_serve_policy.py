@@ -11,6 +11,8 @@ from serve_helpers import AUTH, user
 from harc.errors import HarcError
 
 pytestmark = pytest.mark.unit
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
 
 
 @pytest.fixture
