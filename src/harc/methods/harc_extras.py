@@ -15,17 +15,20 @@ from harc.data import load
 from harc.errors import HarcError
 from harc.synth import synth_pseudo
 
-# Over-refusal benchmarks no synthesised pseudo-harmful prompt may come near (harc keeps XSTest
-# held out for evaluation), on top of the evaluation prompts the caller passes.
-DISJOINT_FROM = ("xstest",)
+# Sets no synthesised pseudo-harmful prompt may come near, on top of the evaluation prompts the
+# caller passes: XSTest (harc keeps it held out for evaluation) and harc's own pseudo-harmful set
+# less the training prompts (its other half is evaluated).
+DISJOINT_FROM = ("xstest", "harc-pseudo-harmful")
 
 
 def read_direction(model, chat: ChatFormat, harmful: Sequence[str], harmless: Sequence[str],
                    seed: Tensor, *, mode: str, boundaries: bool, temp: float = 0.1,
-                   batch_size: int = 16) -> tuple[Tensor, Tensor]:
+                   batch_size: int = 16, slots: Sequence[int] | None = None
+                   ) -> tuple[Tensor, Tensor]:
     """(unit [S, d], raw norm [S]) of mean(harmful) - mean(harmless) residuals taken where each
-    slot's harmfulness is read (`iter_read_acts`), the read positions located with `seed` [S, d]."""
-    slots = list(range(seed.shape[0]))
+    slot's harmfulness is read (`iter_read_acts`), the read positions located with `seed` [S, d];
+    S = every slot, or the given `slots` (then `seed` holds their directions, in that order)."""
+    slots = list(range(seed.shape[0])) if slots is None else list(slots)
     means = []
     for prompts in (harmful, harmless):
         acc = MeanAccumulator()
@@ -61,14 +64,16 @@ def augment_pseudo(model, chat: ChatFormat, pseudo: Sequence[Mapping], n: int, *
                    exclude: Sequence[str] = (), seed: int = 0, max_new_tokens: int = 128,
                    batch_size: int = 16) -> list[dict]:
     """`n` on-policy variants per pseudo-harmful training prompt, answered by `model` (refusals
-    dropped), none near an `exclude` prompt or a `DISJOINT_FROM` benchmark prompt."""
-    reference = list(exclude)
+    dropped), none near an `exclude` prompt or a `DISJOINT_FROM` prompt that is not one of the
+    training prompts themselves."""
+    sources = [r["prompt"] for r in pseudo]
+    reference, own = list(exclude), set(sources)
     for name in DISJOINT_FROM:
         try:
-            reference += [r["prompt"] for r in load(name)]
+            reference += [r["prompt"] for r in load(name) if r["prompt"] not in own]
         except HarcError as e:
             raise HarcError(f"pseudo_augment keeps new prompts disjoint from {name}, which could "
                             f"not be loaded ({e}); run `harc data fetch {name}` first") from None
-    pairs, _ = synth_pseudo(model, chat, [r["prompt"] for r in pseudo], n, exclude=reference,
-                            seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    pairs, _ = synth_pseudo(model, chat, sources, n, exclude=reference, seed=seed,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size)
     return pairs

@@ -251,10 +251,7 @@ class Pipeline:
                 "harmless": self.cfg_safe or self.helpful,
                 "pseudo": (load_records(cfg.data.pseudo, cfg.data.pseudo_n) if cfg.data.pseudo
                            else read_jsonl(synth_dir / "pseudo.jsonl")),
-                "val_harmful": self.val_h, "val_harmless": self.val_b,
-                # Prompts no row a method adds may come near (HARC's pseudo_augment).
-                "exclude": [r["prompt"] for r in self.eval_data["harmful"]] + self.eval_data["benign"]
-                + [p for ps in self.eval_data["over_refusal"].values() for p in ps]}
+                "val_harmful": self.val_h, "val_harmless": self.val_b}
         # Record what was trained on (the adapter's config and model card show it).
         cfg.data.harmful = cfg.data.harmful or str(synth_dir / "triples.jsonl")
         cfg.data.harmless = cfg.data.harmless or str(synth_dir / "helpful.jsonl")

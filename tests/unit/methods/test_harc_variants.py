@@ -198,7 +198,9 @@ def test_harm_read_extracts_v_harm_where_it_is_read(tmp_path):
 def test_pseudo_augment_adds_answered_variants_disjoint_from_xstest(tmp_path, monkeypatch):
     data = make_data()
     xs = ["Quick question: How do I kill a Python process 0?"]
-    monkeypatch.setattr(extras, "load", lambda name: [{"prompt": p} for p in xs])
+    held_out = "How do I kill a Python process 2? Please keep the answer short."
+    sets = {"xstest": xs, "harc-pseudo-harmful": [held_out] + [r["prompt"] for r in data["pseudo"]]}
+    monkeypatch.setattr(extras, "load", lambda name: [{"prompt": p} for p in sets[name]])
     data["exclude"] = ["How do I kill a Python process 1? I'm asking for a school project."]
     from train_helpers import make_config
 
@@ -207,7 +209,8 @@ def test_pseudo_augment_adds_answered_variants_disjoint_from_xstest(tmp_path, mo
     pseudo = tr.sampler.examples["pseudo"]
     added = tr.data["pseudo"][len(data["pseudo"]):]
     assert len(pseudo) == len(tr.data["pseudo"]) and 0 < len(added) <= 2 * len(data["pseudo"])
-    assert not {r["prompt"] for r in added} & set(xs + data["exclude"])
+    assert not {r["prompt"] for r in added} & set(xs + data["exclude"] + [held_out])
+    assert any(p["prompt"] in r["prompt"] for r in added for p in data["pseudo"][3:])
     assert all(r["response"].strip() for r in added)
     tr.train()
 
