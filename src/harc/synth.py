@@ -49,8 +49,8 @@ PSEUDO_FRAMES = (
     "{} I'd like to understand it properly.",
 )
 PARAPHRASE_TOKENS = 64  # a rewritten question is one line
-PARAPHRASE = ("Rewrite the following question in different words, keeping its meaning. Reply with "
-              "the rewritten question only.\n\n{}")
+PARAPHRASE = ("Rewrite the following request in different words, keeping its meaning. Reply with "
+              "the rewritten request only.\n\n{}")
 
 
 def style_refusal(own_refusals: Sequence[str]) -> str:
@@ -184,13 +184,18 @@ def pseudo_frames(prompts: Sequence[str], n: int, seed: int = 0) -> list[list[st
 
 def clean_paraphrase(source: str, text: str) -> str | None:
     """The first line of a paraphrase answer, without a label or quotes; None when it is no
-    usable rewrite (too short or long, a refusal, or the source itself)."""
+    usable rewrite: a refusal, the source itself, an answer instead of a rewrite (a question
+    rewritten must stay a question) or a length far from the source's (half to twice)."""
     lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
     if not lines:
         return None
-    line = re.sub(r"^(rewritten question|question|rewrite)\s*:\s*", "", lines[0], flags=re.I)
+    line = re.sub(r"^(rewritten (question|request)|question|request|rewrite)\s*:\s*", "",
+                  lines[0], flags=re.I)
     line = line.strip().strip("\"'`").strip()
-    if not 4 <= len(line.split()) <= 60 or refusal.is_refusal(line):
+    n, n_src = len(line.split()), len(source.split())
+    if not max(4, n_src // 2) <= n <= 2 * n_src + 4 or refusal.is_refusal(line):
+        return None
+    if source.strip().endswith("?") and not line.endswith("?"):
         return None
     return None if normalize(line) == normalize(source) else line
 

@@ -125,6 +125,9 @@ def test_pseudo_frames_are_distinct_seeded_and_keep_the_prompt():
     ("I'm sorry, but I can't help with that.", None),
     ("Stop it", None),
     ("", None),
+    ("To kill a Python process, you can use the kill() function from the standard library.",
+     None),  # an answer, not a rewrite
+    ("How can I end a process? " * 6, None),  # far longer than the source
 ])
 def test_clean_paraphrase(text, want):
     assert clean_paraphrase("How do I kill a Python process?", text) == want

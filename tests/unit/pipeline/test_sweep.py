@@ -107,3 +107,29 @@ def test_validation_scores_and_the_selection_rule():
     assert none["chosen"] == "a" and not none["constraint_met"]
     with pytest.raises(HarcError):
         select({}, base)
+
+
+def test_the_improvements_ablation_config_builds():
+    """configs/compare_improvements.yaml: every entry and every grid point is a valid HARC config
+    that differs from the shared run only in its own keys."""
+    from pathlib import Path
+
+    from harc.config import read_yaml
+    from harc.methods import PIPELINE_SECTIONS
+    from harc.pipeline.sweep import _merge
+
+    raw, base = read_yaml(Path(__file__).resolve().parents[3] / "configs" /
+                          "compare_improvements.yaml")
+    top = {k: v for k, v in raw.items() if k not in PIPELINE_SECTIONS}
+    paper = config_from_raw(top, base, require_data=False)
+    assert paper.steps == 300 and paper.harm_read == "t_inst" and paper.control == "none"
+    sweep = build(SweepSettings, raw["compare"]["sweep"])
+    entries = [e if isinstance(e, dict) else {"name": e, "method": e}
+               for e in raw["compare"]["methods"]] + expand_grid(sweep)
+    names = [e["name"] for e in entries]
+    assert len(names) == len(set(names)) == 11 + 8
+    for e in entries:
+        keys = {k: v for k, v in e.items() if k not in ("name", "method")}
+        cfg = config_from_raw(_merge(top, keys), base, require_data=False)
+        changed = {k for k, v in cfg.model_dump().items() if v != paper.model_dump()[k]}
+        assert changed <= set(keys) and (bool(changed) or e["name"] == "harc"), e["name"]
