@@ -43,7 +43,13 @@ from harc.methods.batching import Example, MicroBatch, encode_example
 from harc.methods.config import TrainConfig
 from harc.methods.data import prompts_of
 from harc.methods.harc_config import HARM_READS, TERMS, HarcConfig, LossWeights
-from harc.methods.harc_extras import augment_pseudo, random_directions, read_direction, recovery_rows
+from harc.methods.harc_extras import (
+    augment_pseudo,
+    framed_rows,
+    random_directions,
+    read_direction,
+    recovery_rows,
+)
 from harc.methods.step import autocast, backbone, kl_reference, lm_head, no_input_cast
 from harc.models import decoder_layers
 
@@ -208,12 +214,16 @@ class HarcMethod(Method):
 
     @classmethod
     def prepare_data(cls, cfg: HarcConfig, model, chat, data: Mapping[str, Sequence]) -> dict:
-        """Recovery rows (`recovery_tokens`) and on-policy pseudo-harmful variants
+        """Framed harmful rows (`frame_harmful`), recovery rows (`recovery_tokens`), both made
+        from the original harmful records, and on-policy pseudo-harmful variants
         (`pseudo_augment`, made by the base model); the data unchanged by default."""
         out = dict(data)
+        harmful = list(out["harmful"])
+        if cfg.frame_harmful:
+            out["harmful"] = out["harmful"] + framed_rows(harmful, cfg.frame_harmful, cfg.seed)
         if cfg.recovery_tokens:
-            out["harmful"] = list(out["harmful"]) + recovery_rows(
-                out["harmful"], chat.tokenizer, cfg.recovery_tokens)
+            out["harmful"] = out["harmful"] + recovery_rows(harmful, chat.tokenizer,
+                                                            cfg.recovery_tokens)
         if cfg.pseudo_augment and out.get("pseudo"):
             with base_only(model):
                 out["pseudo"] = list(out["pseudo"]) + augment_pseudo(

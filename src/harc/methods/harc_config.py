@@ -82,6 +82,12 @@ class HarcConfig(TrainConfig):
         model's own paraphrase and benign framings of it, answered by the model (refused answers
         dropped), kept disjoint from XSTest and the prompts in data["exclude"]: a larger, more
         varied retain set than the authored one, against false refusals.
+    frame_harmful: framed copies per harmful training record (0: none): the prompt inside the
+        same benign framings `pseudo_augment` puts around pseudo-harmful prompts (a lead-in or a
+        trailing remark, `harc.synth.PSEUDO_FRAMES`; never a jailbreak template), trained to
+        refuse. The coupling can only learn to read a request's harm past trailing text if some
+        training prompts have trailing text; with the framings on both sides they carry no label.
+        A data augmentation: report it as one (its trailing remarks resemble style injection).
     resp_offsets: starts (in target tokens) of the response-coupling windows, each
         `n_resp_tokens` long; [0] is the paper. Several offsets couple the later response too,
         where prefilling and ablation attacks act.
@@ -119,6 +125,7 @@ class HarcConfig(TrainConfig):
     read_extract: bool = True
     pseudo_margin: float = 0.1
     pseudo_augment: int = 0
+    frame_harmful: int = 0
     resp_offsets: list[int] = Field(default_factory=lambda: [0])
     recovery_tokens: list[int] = Field(default_factory=list)
     margin_final: float | None = None
@@ -134,6 +141,8 @@ class HarcConfig(TrainConfig):
         need(0 <= self.pseudo_margin <= 1, "pseudo_margin", "must lie in [0, 1]")
         need(0 <= self.pseudo_augment <= 1 + len(PSEUDO_FRAMES), "pseudo_augment",
              f"must lie in 0..{1 + len(PSEUDO_FRAMES)} (a paraphrase and the framings)")
+        need(0 <= self.frame_harmful <= len(PSEUDO_FRAMES), "frame_harmful",
+             f"must lie in 0..{len(PSEUDO_FRAMES)} (the benign framings)")
         need(len(self.resp_offsets) > 0 and min(self.resp_offsets) >= 0
              and len(set(self.resp_offsets)) == len(self.resp_offsets), "resp_offsets",
              "must be distinct token offsets >= 0, e.g. [0, 16, 48]")

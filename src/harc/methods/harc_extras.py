@@ -1,5 +1,6 @@
 """Pieces of HARC's opt-in improvements that are not the micro-step: v_harm extracted where it is
-read, the random-direction control, recovery rows and on-policy pseudo-harmful variants."""
+read, the random-direction control, framed and recovery rows and on-policy pseudo-harmful
+variants."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from harc.activations import MeanAccumulator, iter_read_acts
 from harc.chat import ChatFormat
 from harc.data import load
 from harc.errors import HarcError
-from harc.synth import synth_pseudo
+from harc.synth import pseudo_frames, synth_pseudo
 
 # Sets no synthesised pseudo-harmful prompt may come near, on top of the evaluation prompts the
 # caller passes: XSTest (harc keeps it held out for evaluation) and harc's own pseudo-harmful set
@@ -58,6 +59,14 @@ def recovery_rows(harmful: Sequence[Mapping], tokenizer, ks: Sequence[int]) -> l
         if opening.strip():
             rows.append({"prompt": r["prompt"], "refusal": r["refusal"], "prefill": opening})
     return rows
+
+
+def framed_rows(harmful: Sequence[Mapping], n: int, seed: int = 0) -> list[dict]:
+    """`n` copies of each harmful record with its prompt in a benign framing (`pseudo_frames`,
+    seeded apart from the pseudo-harmful variants), keeping its refusal target."""
+    framed = pseudo_frames([r["prompt"] for r in harmful], n, seed + 1)
+    return [{"prompt": f, "refusal": r["refusal"]}
+            for r, fs in zip(harmful, framed, strict=True) for f in fs]
 
 
 def augment_pseudo(model, chat: ChatFormat, pseudo: Sequence[Mapping], n: int, *,

@@ -77,6 +77,7 @@ def test_every_key_is_documented():
     ("margin_final=0.8", "margin_ramp"),
     ("hard_frac=0", "hard_frac"),
     ("control=placebo", "control"),
+    ("frame_harmful=99", "frame_harmful"),
 ])
 def test_invalid_values_name_the_key(files, override, key):
     with pytest.raises(HarcError) as e:

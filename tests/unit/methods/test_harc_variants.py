@@ -114,6 +114,23 @@ def test_recovery_rows_refuse_after_a_harmful_opening(tmp_path):
         for i, k in ((0, 2), (1, 5))]
 
 
+def test_framed_rows_keep_the_request_and_its_refusal(tmp_path):
+    from harc.synth import PSEUDO_FRAMES
+
+    originals = make_trainer(tmp_path / "a", refresh_every=0).data["harmful"]
+    tr = make_trainer(tmp_path / "b", refresh_every=0, frame_harmful=2, recovery_tokens=[3])
+    m = len(originals)
+    rows = tr.data["harmful"]
+    assert rows[:m] == originals and len(rows) == 4 * m  # + 2 framings + 1 recovery row each
+    framed, recovery = rows[m: 3 * m], rows[3 * m:]
+    for i, r in enumerate(framed):
+        assert r == {"prompt": r["prompt"], "refusal": originals[i // 2]["refusal"]}
+        assert r["prompt"] in {f.format(originals[i // 2]["prompt"]) for f in PSEUDO_FRAMES}
+    assert framed[0]["prompt"] != framed[1]["prompt"]  # two different framings per request
+    assert [r["prompt"] for r in recovery] == [r["prompt"] for r in originals]  # not of framings
+    assert all(r["prefill"] for r in recovery)
+
+
 def test_pseudo_ref_term_is_its_formula_and_is_trained(tmp_path):
     w = LossWeights(pseudo_ref=2.0)
     tr = make_trainer(tmp_path, refresh_every=0, weights=w, pseudo_margin=0.2)
@@ -219,7 +236,7 @@ def test_pseudo_augment_adds_answered_variants_disjoint_from_xstest(tmp_path, mo
     dict(harm_read="max_user"), dict(harm_read="softmax_user"), dict(harm_read="boundaries"),
     dict(weights=LossWeights(pseudo_ref=1.0)), dict(resp_offsets=[0, 4, 8]),
     dict(recovery_tokens=[2, 4]), dict(margin_final=0.8, margin_ramp=2), dict(hard_frac=0.5),
-    dict(control="shuffled_labels"), dict(control="random_direction"),
+    dict(control="shuffled_labels"), dict(control="random_direction"), dict(frame_harmful=2),
     dict(harm_read="boundaries", weights=LossWeights(pseudo_ref=1.0), resp_offsets=[0, 8],
          recovery_tokens=[3], margin_final=0.7, margin_ramp=2, hard_frac=0.5),
 ], ids=lambda kw: ",".join(kw))

@@ -127,7 +127,7 @@ def test_the_improvements_ablation_config_builds():
     entries = [e if isinstance(e, dict) else {"name": e, "method": e}
                for e in raw["compare"]["methods"]] + expand_grid(sweep)
     names = [e["name"] for e in entries]
-    assert len(names) == len(set(names)) == 11 + 8
+    assert len(names) == len(set(names)) == 12 + 8
     for e in entries:
         keys = {k: v for k, v in e.items() if k not in ("name", "method")}
         cfg = config_from_raw(_merge(top, keys), base, require_data=False)
