@@ -100,18 +100,20 @@ def _merge(a: Mapping, b: Mapping) -> dict:
 def _show(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "+".join(_show(v) for v in value)
-    return str(value)
+    return "none" if value is None else str(value)
 
 
 def expand_grid(s: SweepSettings) -> list[dict]:
     """The grid as compare entries {name, method, **keys}, in product order (the first key varies
-    slowest); the name lists the entry's grid values, e.g. `sweep[harm_read=boundaries,...]`."""
+    slowest). The name lists the entry's grid values with characters that are safe in folder
+    names, shells and comma-separated `--only` lists: `sweep--harm_read=boundaries--hard_frac=0.5`.
+    """
     keys = list(s.grid)
     entries = []
     for values in itertools.product(*(s.grid[k] for k in keys)):
         point = dict(zip(keys, values, strict=True))
-        label = ",".join(f"{k}={_show(v)}" for k, v in point.items())
-        entries.append({"name": f"{s.name}[{label}]", "method": s.method,
+        label = "".join(f"--{k}={_show(v)}" for k, v in point.items())
+        entries.append({"name": f"{s.name}{label}", "method": s.method,
                         **_merge(_nest(s.base), _nest(point))})
     return entries
 

@@ -27,10 +27,10 @@ def settings(**kw):
 def test_expand_grid_names_and_nests_every_point():
     entries = expand_grid(settings())
     assert [e["name"] for e in entries] == [
-        "sweep[harm_read=max_user,weights.pseudo_ref=0.0]",
-        "sweep[harm_read=max_user,weights.pseudo_ref=1.0]",
-        "sweep[harm_read=boundaries,weights.pseudo_ref=0.0]",
-        "sweep[harm_read=boundaries,weights.pseudo_ref=1.0]"]
+        "sweep--harm_read=max_user--weights.pseudo_ref=0.0",
+        "sweep--harm_read=max_user--weights.pseudo_ref=1.0",
+        "sweep--harm_read=boundaries--weights.pseudo_ref=0.0",
+        "sweep--harm_read=boundaries--weights.pseudo_ref=1.0"]
     e = entries[1]
     assert e["method"] == "harc" and e["harm_read"] == "max_user"
     assert e["weights"] == {"kl": 10.0, "pseudo_ref": 1.0} and e["recovery_tokens"] == [8, 24]
@@ -39,8 +39,9 @@ def test_expand_grid_names_and_nests_every_point():
         keys = {k: v for k, v in e.items() if k not in ("name", "method")}
         cfg = config_from_raw(keys, require_data=False)
         assert cfg.harm_read == e["harm_read"] and cfg.weights.kl == 10.0
-    lists = expand_grid(build(SweepSettings, {"grid": {"resp_offsets": [[0, 16, 48]]}}))
-    assert lists[0]["name"] == "sweep[resp_offsets=0+16+48]"
+    lists = expand_grid(build(SweepSettings, {"grid": {"resp_offsets": [[0, 16, 48]],
+                                                       "margin_final": [None]}}))
+    assert lists[0]["name"] == "sweep--resp_offsets=0+16+48--margin_final=none"
 
 
 @pytest.mark.parametrize("raw,key", [
