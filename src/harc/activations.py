@@ -114,6 +114,51 @@ def iter_prompt_acts(model, chat: ChatFormat, prompts: Sequence[str], *, slots=N
             progress(len(batch))
 
 
+def read_mask(chat: ChatFormat, prompt_ids: Sequence[list[int]], width: int,
+              boundaries: bool = False) -> Tensor:
+    """[B, width] bool over left-padded encoded prompts: the user content (first user-content
+    token to t_inst), or with `boundaries` only its boundary tokens (`ChatFormat.boundaries`)."""
+    mask = torch.zeros(len(prompt_ids), width, dtype=torch.bool)
+    for i, ids in enumerate(prompt_ids):
+        o = width - len(ids)
+        if boundaries:
+            mask[i, [o + b for b in chat.boundaries(ids)]] = True
+        else:
+            mask[i, o + chat.head_len: o + len(ids) - chat.tail_len] = True
+    return mask
+
+
+@torch.no_grad()
+def iter_read_acts(model, chat: ChatFormat, prompts: Sequence[str], v: Tensor, *,
+                   slots: Sequence[int], mode: str = "max", boundaries: bool = False,
+                   temp: float = 0.1, batch_size: int = 16) -> Iterator[Tensor]:
+    """Yield, per batch, [B, S, d] float32: each slot's residual where its harmfulness is read.
+
+    v [S, d] are unit directions at `slots`. Over the positions of `read_mask`: "max" takes the
+    residual at the largest cos(h_t, v); "softmax" the softmax(cos / temp)-weighted mean of the
+    residuals (the reading `harc.losses.read_projection` couples).
+    """
+    slots = list(slots)
+    dev = _device(model)
+    vs = {s: v[j].to(dev, torch.float32) for j, s in enumerate(slots)}
+    for batch in _batches(prompts, batch_size):
+        encs = [chat.encode_prompt(p) for p in batch]
+        ids, mask, pos = left_pad(encs, chat.tokenizer.pad_token_id, dev)
+        read = read_mask(chat, encs, ids.shape[1], boundaries).to(dev)
+
+        def pick(slot: int, h: Tensor, read: Tensor = read) -> Tensor:
+            h = h.float()
+            p = torch.nn.functional.cosine_similarity(h, vs[slot], dim=-1).masked_fill(
+                ~read, float("-inf"))
+            w = (torch.softmax(p / temp, dim=-1) if mode == "softmax"
+                 else torch.nn.functional.one_hot(p.argmax(-1), p.shape[-1]).float())
+            return torch.einsum("btd,bt->bd", h, w)
+
+        out = ResidualCapture(model, slots, reduce=pick, stop_early=True).run(
+            model, input_ids=ids, attention_mask=mask, position_ids=pos)
+        yield torch.stack([out[s] for s in slots], dim=1)
+
+
 @torch.no_grad()
 def iter_response_acts(model, chat: ChatFormat, pairs: Sequence[tuple[str, str]], *,
                        n_tokens: int = 32, slots=None, batch_size: int = 16,

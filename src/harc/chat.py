@@ -3,6 +3,8 @@
 `P` is the number of template tokens after the last user-content token, measured from the
 template itself: render a placeholder message, find where the placeholder ends, count the tokens
 after it. Then `t_inst = -P-1` (last user-content token) and `t_post = -1` (last prompt token).
+The user content spans `head_len .. t_inst`; its sentence and line ends (`boundaries`) are where
+a request embedded in a longer prompt usually ends.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from harc.errors import HarcError
 
 _PLACEHOLDER = "HARCPLACEHOLDERXYZ"
 
+# A token whose text holds one of these ends a sentence, clause or line of the user content.
+_BOUNDARY_CHARS = frozenset(".?!;:\n")
+
 # The "raw template" variant of the reference configs (after Zhao et al. 2025): no system prompt.
 RAW_TEMPLATES = {
     "qwen": "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant",
@@ -26,11 +31,20 @@ RAW_TEMPLATES = {
 
 @dataclass(frozen=True)
 class PairEncoding:
-    """A teacher-forced (prompt, response) sequence: response tokens start at `resp_start`."""
+    """A teacher-forced (prompt, response) sequence: response tokens start at `resp_start`.
+
+    user_start: index of the first user-content token (0 when unknown). prefill_len: leading
+    response tokens that are given (a harmful opening the model must recover from), not targets.
+    boundaries: indices of user-content tokens at sentence and line ends (`ChatFormat.boundaries`;
+    empty unless asked for).
+    """
 
     ids: list[int]
     resp_start: int
     resp_len: int
+    user_start: int = 0
+    prefill_len: int = 0
+    boundaries: tuple[int, ...] = ()
 
 
 class ChatFormat:
@@ -52,6 +66,7 @@ class ChatFormat:
         self.max_prompt_tokens = max_prompt_tokens
         self.max_response_tokens = max_response_tokens
         self.head_len, self.tail_len = self._measure_template()
+        self._ends: dict[int, bool] = {}  # token id -> its text holds a boundary character
         if max_prompt_tokens < self.head_len + self.tail_len + 1:
             raise HarcError(
                 f"max_prompt_tokens={max_prompt_tokens} is shorter than the chat template itself "
@@ -110,16 +125,39 @@ class ChatFormat:
             ids = ids[: self.head_len] + ids[-keep:]
         return ids
 
-    def encode_pair(self, prompt: str, response: str, *, add_eos: bool = True) -> PairEncoding:
-        """Prompt + response for teacher forcing; the response is right-truncated and ends with EOS."""
+    def encode_pair(self, prompt: str, response: str, *, add_eos: bool = True,
+                    prefill: str | None = None, boundaries: bool = False) -> PairEncoding:
+        """Prompt + response for teacher forcing; the response is right-truncated and ends with EOS.
+
+        prefill: text placed before the response (tokenized on its own, counted in
+        `max_response_tokens`, never a target). boundaries: also locate the prompt's boundaries.
+        """
         p = self.encode_prompt(prompt)
-        r = self._tokenize(response)[: self.max_response_tokens - int(add_eos)]
+        room = self.max_response_tokens - int(add_eos)
+        f = self._tokenize(prefill)[: room - 1] if prefill else []  # leave a target token
+        r = self._tokenize(response)[: room - len(f)]
         eos = self.tokenizer.eos_token_id
         if add_eos and eos is not None:
             r = r + [eos]
         if not r:
             raise HarcError(f"empty response for prompt {prompt[:40]!r}")
-        return PairEncoding(p + r, len(p), len(r))
+        return PairEncoding(p + f + r, len(p), len(f) + len(r), user_start=self.head_len,
+                            prefill_len=len(f),
+                            boundaries=tuple(self.boundaries(p)) if boundaries else ())
+
+    def boundaries(self, prompt_ids: list[int]) -> list[int]:
+        """Indices of the user-content tokens of an encoded prompt that end a sentence, clause or
+        line (their text holds one of . ? ! ; : or a newline), the token before each of them (the
+        last word, e.g. of a request followed by a newline) and t_inst; sorted."""
+        first, last = self.head_len, len(prompt_ids) - self.tail_len - 1
+        out = {last}
+        for i in range(first, last + 1):
+            t = prompt_ids[i]
+            if t not in self._ends:
+                self._ends[t] = not _BOUNDARY_CHARS.isdisjoint(self.tokenizer.decode([t]))
+            if self._ends[t]:
+                out.update((i, max(i - 1, first)))
+        return sorted(out)
 
     @property
     def t_inst(self) -> int:

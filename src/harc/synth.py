@@ -10,11 +10,14 @@ both come from the model being hardened:
 - completion opening (only the first N tokens feed the response direction): the model's own
   answer when it complies; otherwise its answer with the refusal direction ablated; otherwise
   generated after an affirmative prefill.
+Pseudo-harmful variants (`synth_pseudo`): the model's own paraphrase and benign framings of
+benign-but-alarming prompts, with the model's answers, kept only where it answered.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -26,11 +29,28 @@ from harc import refusal
 from harc._version import __version__
 from harc.activations import MeanAccumulator, iter_prompt_acts
 from harc.chat import ChatFormat
+from harc.data.hygiene import dedupe_against, normalize
 from harc.generation import Steer, generate
 from harc.io import atomic_write_text, cache_dir, sha256_json
 from harc.models import model_identity
 
 TEMPLATED_REFUSAL = "I'm sorry, but I can't help with that request."
+
+# Benign framings of a benign-but-alarming prompt: context a real user adds. None is a jailbreak
+# template, asks to drop rules or to role-play, so a variant stays exactly as benign as its source.
+PSEUDO_FRAMES = (
+    "Quick question: {}",
+    "I'm new to this and a bit confused. {}",
+    "{} I'm asking for a school project.",
+    "My friend asked me this and I didn't know the answer: {}",
+    "{} Please keep the answer short.",
+    "For a safety handout I'm writing: {}",
+    "Serious question, I'm curious: {}",
+    "{} I'd like to understand it properly.",
+)
+PARAPHRASE_TOKENS = 64  # a rewritten question is one line
+PARAPHRASE = ("Rewrite the following request in different words, keeping its meaning. Reply with "
+              "the rewritten request only.\n\n{}")
 
 
 def style_refusal(own_refusals: Sequence[str]) -> str:
@@ -149,3 +169,73 @@ def synth_triples(model, chat: ChatFormat, harmful: Sequence[str], harmless: Seq
 
 def write_jsonl(path: str | Path, rows: Sequence[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def pseudo_frames(prompts: Sequence[str], n: int, seed: int = 0) -> list[list[str]]:
+    """For each prompt, `n` (at most len(PSEUDO_FRAMES)) distinct framings of it, in a seeded
+    order of its own."""
+    out = []
+    for i, p in enumerate(prompts):
+        k = min(n, len(PSEUDO_FRAMES))
+        order = random.Random(seed * 1_000_003 + i).sample(range(len(PSEUDO_FRAMES)), k)
+        out.append([PSEUDO_FRAMES[k].format(p.strip()) for k in order])
+    return out
+
+
+def clean_paraphrase(source: str, text: str) -> str | None:
+    """The first line of a paraphrase answer, without a label or quotes; None when it is no
+    usable rewrite: a refusal, the source itself, an answer instead of a rewrite (a question
+    rewritten must stay a question) or a length far from the source's (half to twice)."""
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    if not lines:
+        return None
+    line = re.sub(r"^(rewritten (question|request)|question|request|rewrite)\s*:\s*", "",
+                  lines[0], flags=re.I)
+    line = line.strip().strip("\"'`").strip()
+    n, n_src = len(line.split()), len(source.split())
+    if not max(4, n_src // 2) <= n <= 2 * n_src + 4 or refusal.is_refusal(line):
+        return None
+    if source.strip().endswith("?") and not line.endswith("?"):
+        return None
+    return None if normalize(line) == normalize(source) else line
+
+
+def synth_pseudo(model, chat: ChatFormat, prompts: Sequence[str], n: int, *,
+                 exclude: Sequence[str] = (), seed: int = 0, max_new_tokens: int = 128,
+                 batch_size: int = 16,
+                 is_refusal: Callable[[list[str], list[str]], list[bool]] | None = None,
+                 use_cache: bool = True) -> tuple[list[dict], dict]:
+    """(pairs, provenance): up to `n` variants of each pseudo-harmful prompt (the model's own
+    paraphrase first, when usable, then framings from `PSEUDO_FRAMES`) with the model's answers.
+
+    Variants near an `exclude` prompt (evaluation sets, XSTest) are dropped before answering;
+    refused or empty answers are dropped after (`answered_pairs`: a refusal would anchor the
+    over-refusal through the KL term). Cached by content hash.
+    """
+    settings = {"recipe": 1, "n": n, "seed": seed, "max_new_tokens": max_new_tokens,
+                "template": chat.template_hash(), "model": model_identity(model)}
+    key = sha256_json({"prompts": list(prompts), "exclude": sorted(exclude), **settings})[:24]
+    path = cache_dir() / "synth" / f"pseudo-{key}.json"
+    if use_cache and path.exists():
+        cached = json.loads(path.read_text())
+        return cached["pairs"], cached["provenance"]
+    gen = dict(batch_size=batch_size)
+    raw = generate(model, chat, [PARAPHRASE.format(p.strip()) for p in prompts],
+                   max_new_tokens=PARAPHRASE_TOKENS, **gen)
+    paras = [clean_paraphrase(p, text) for p, text in zip(prompts, raw, strict=True)]
+    variants: list[str] = []
+    for para, framed in zip(paras, pseudo_frames(prompts, n, seed), strict=True):
+        variants += ([para] if para else []) + framed[: n - int(para is not None)]
+    variants = list(dict.fromkeys(variants))  # exact repeats only: framings share the source
+    kept, n_near = dedupe_against([{"prompt": v} for v in variants], [{"prompt": e} for e in exclude])
+    variants = [r["prompt"] for r in kept]
+    answers = generate(model, chat, variants, max_new_tokens=max_new_tokens, **gen)
+    pairs, n_refused = answered_pairs(variants, answers, is_refusal)
+    provenance = {**settings, "sources": len(prompts),
+                  "paraphrases": sum(x is not None for x in paras), "variants": len(variants),
+                  "near_excluded": n_near, "refused": n_refused, "kept": len(pairs),
+                  "harc_version": __version__}
+    atomic_write_text(path, json.dumps({"pairs": pairs, "provenance": provenance},
+                                       ensure_ascii=False))
+    return pairs, provenance
+

@@ -2,7 +2,14 @@ import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
-from harc.activations import MeanAccumulator, ResidualCapture, iter_prompt_acts, iter_response_acts
+from harc.activations import (
+    MeanAccumulator,
+    ResidualCapture,
+    iter_prompt_acts,
+    iter_read_acts,
+    iter_response_acts,
+    read_mask,
+)
 from harc.chat import ChatFormat, left_pad
 
 pytestmark = pytest.mark.unit
@@ -78,3 +85,33 @@ def test_mean_accumulator_and_poisson_bootstrap_formula():
                    torch.poisson(torch.ones(7, 4, dtype=torch.float64), generator=g)], 1)
     want = torch.einsum("kb,bsd->ksd", w, x) / w.sum(1).view(-1, 1, 1)
     torch.testing.assert_close(acc.boot_means("a"), want.float())
+
+
+@pytest.mark.parametrize("mode,boundaries", [("max", False), ("softmax", False), ("max", True)])
+def test_read_acts_take_the_residual_where_harm_is_read(mode, boundaries):
+    """Padded batches give, per slot, the residual at the largest cos(h, v) over the read positions
+    of each unpadded prompt (or the softmax-weighted mean of them)."""
+    tok, model = tiny_tokenizer("chatml"), tiny_model("llama", n_layers=3)
+    chat = ChatFormat(tok)
+    prompts = ["bake bread. Then kill a process", "How do I kill a Python process at home?\nsea"]
+    torch.manual_seed(0)
+    v = torch.nn.functional.normalize(torch.randn(2, 32), dim=-1)
+    got = next(iter_read_acts(model, chat, prompts, v, slots=[1, 3], mode=mode,
+                              boundaries=boundaries, temp=0.2, batch_size=2))
+    assert got.shape == (2, 2, 32)
+    for i, p in enumerate(prompts):
+        ids = chat.encode_prompt(p)
+        mask = read_mask(chat, [ids], len(ids), boundaries)[0]
+        if boundaries:
+            assert mask.nonzero().squeeze(1).tolist() == chat.boundaries(ids)
+        else:
+            assert mask.sum() == len(ids) - chat.head_len - chat.tail_len
+            assert mask[len(ids) + chat.t_inst] and not mask[len(ids) + chat.t_inst + 1]
+        with torch.no_grad():
+            cap = ResidualCapture(model, [1, 3]).run(model, input_ids=torch.tensor([ids]))
+        for j, s in enumerate([1, 3]):
+            h = cap[s][0][mask]
+            cos = torch.nn.functional.cosine_similarity(h, v[j], dim=-1)
+            want = (h[cos.argmax()] if mode == "max"
+                    else (torch.softmax(cos / 0.2, 0)[:, None] * h).sum(0))
+            torch.testing.assert_close(got[i, j], want, atol=1e-5, rtol=1e-4)

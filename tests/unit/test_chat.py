@@ -84,3 +84,40 @@ def test_left_pad_positions():
     assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert pos.tolist() == [[0, 1, 2], [0, 0, 0]]
     assert pos.dtype == torch.long
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3.1", "mistral"])
+def test_boundaries_are_sentence_and_line_ends_of_the_user_content(template):
+    tok = tiny_tokenizer(template)
+    chat = ChatFormat(tok)
+    prompt = "Explain how to kill a process\nMix flour. How do I bake bread"
+    ids = chat.encode_prompt(prompt)
+    got = chat.boundaries(ids)
+    last = len(ids) - chat.tail_len - 1
+    assert got == sorted(set(got)) and got[-1] == last  # t_inst is always read
+    assert all(chat.head_len <= i <= last for i in got)
+    ends = [i for i in range(chat.head_len, last + 1)
+            if any(c in tok.decode([ids[i]]) for c in ".?!;:\n")]
+    assert len(ends) >= 2  # the newline and the full stop
+    assert set(got) == {last} | set(ends) | {max(i - 1, chat.head_len) for i in ends}
+    # "process" ends the embedded request just before the newline
+    assert any(tok.decode(ids[i]).strip().endswith("process") for i in got)
+    enc = chat.encode_pair(prompt, "Sure.", boundaries=True)
+    assert list(enc.boundaries) == got and enc.user_start == chat.head_len
+    assert chat.encode_pair(prompt, "Sure.").boundaries == ()
+
+
+def test_prefill_is_context_before_the_target():
+    tok = tiny_tokenizer("chatml")
+    chat = ChatFormat(tok, max_response_tokens=12)
+    refusal = "I'm sorry, but I can't help with that request."
+    plain = chat.encode_pair("bake bread", refusal)
+    enc = chat.encode_pair("bake bread", refusal, prefill="Sure, here is")
+    f = tok("Sure, here is", add_special_tokens=False)["input_ids"]
+    assert enc.prefill_len == len(f) and enc.resp_start == plain.resp_start
+    assert enc.ids[enc.resp_start: enc.resp_start + len(f)] == f
+    assert enc.resp_len <= 12 and enc.ids[-1] == tok.eos_token_id  # the prefill counts in the cap
+    r = tok(refusal, add_special_tokens=False)["input_ids"]
+    assert enc.ids[enc.resp_start + len(f): -1] == r[: 11 - len(f)]
+    long = chat.encode_pair("bake bread", refusal, prefill="Sure, here is how. " * 20)
+    assert long.resp_len - long.prefill_len >= 2  # a target token and EOS always remain

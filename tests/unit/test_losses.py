@@ -8,10 +8,13 @@ import torch
 from harc.losses import (
     coupling_hinge,
     coupling_loss,
+    hard_mean,
     head_kl_retain,
     head_refusal_ce,
     kl_retain,
     prompt_coupling,
+    pseudo_refusal,
+    read_projection,
     refusal_ce,
     response_coupling,
     total_loss,
@@ -116,3 +119,93 @@ def test_total_loss_weights():
              {"couple": 1.0, "couple_resp": 2.0, "kl": 0.5, "ce": 3.0}.items()}
     w = {"couple": 1.0, "couple_resp": 1.0, "kl": 10.0, "ce": 1.0}
     assert total_loss(terms, w).item() == pytest.approx(1 + 2 + 5 + 3)
+
+
+# ---- opt-in terms (HarcConfig keys), each against its formula on fixed inputs
+
+def test_read_projection_max_and_softmax_by_hand():
+    p = torch.tensor([[[0.1, 0.6, -0.2, 0.9], [0.3, -0.1, 0.2, 0.0]]])  # [L=1, B=2, T=4]
+    mask = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    torch.testing.assert_close(read_projection(p, mask, "max"), torch.tensor([[0.6, 0.2]]))
+    t = 0.5
+    w0 = torch.softmax(torch.tensor([0.1, 0.6, -0.2]) / t, 0)
+    w1 = torch.softmax(torch.tensor([-0.1, 0.2, 0.0]) / t, 0)
+    want = torch.tensor([[(w0 * torch.tensor([0.1, 0.6, -0.2])).sum(),
+                          (w1 * torch.tensor([-0.1, 0.2, 0.0])).sum()]])
+    torch.testing.assert_close(read_projection(p, mask, "softmax", t), want)
+    # between the mean and the maximum; near the maximum at a low temperature
+    soft = read_projection(p, mask, "softmax", 1e-3)
+    torch.testing.assert_close(soft, torch.tensor([[0.6, 0.2]]), atol=1e-4, rtol=0)
+    # the gradient of "max" reaches only the maximal read position
+    q = p.clone().requires_grad_(True)
+    read_projection(q, mask, "max").sum().backward()
+    assert q.grad[0, 0].tolist() == [0, 1, 0, 0] and q.grad[0, 1].tolist() == [0, 0, 1, 0]
+    with pytest.raises(ValueError):
+        read_projection(p, mask, "mean")
+
+
+def test_hard_mean_by_hand():
+    per = torch.tensor([[0.0, 0.4, 0.1, 0.3], [0.2, 0.0, 0.0, 0.0]])
+    assert hard_mean(per, 1.0).item() == pytest.approx((0.8 / 4 + 0.2 / 4) / 2)
+    # hardest half: ceil(0.5 * 4) = 2 per layer -> (0.4 + 0.3) / 2 and (0.2 + 0) / 2
+    assert hard_mean(per, 0.5).item() == pytest.approx((0.35 + 0.1) / 2)
+    # ceil(0.1 * 4) = 1 value: the maximum of each layer
+    assert hard_mean(per, 0.1).item() == pytest.approx((0.4 + 0.2) / 2)
+    valid = torch.tensor([True, False, True, True])  # n = 3; frac 0.5 -> 2 of 0.0, 0.1, 0.3
+    assert hard_mean(per, 0.5, valid).item() == pytest.approx(((0.3 + 0.1) / 2 + 0.2 / 2) / 2)
+    assert hard_mean(per, 1.0, valid).item() == pytest.approx((0.4 / 3 + 0.2 / 3) / 2)
+    none = hard_mean(per.requires_grad_(True), 0.5, torch.zeros(4, dtype=torch.bool))
+    none.backward()
+    assert none.item() == 0.0 and torch.isfinite(per.grad).all()
+
+
+def test_coupling_loss_defaults_take_the_papers_mean_and_options_change_it():
+    p_r = torch.tensor([[0.2, 0.1, -0.3], [0.6, -0.1, 0.0]])
+    p_h = torch.tensor([[0.7, 0.4, 0.2], [-0.2, 0.0, 0.6]])
+    harmful = torch.tensor([True, False, False])
+    per = coupling_hinge(p_r, p_h, harmful, M)  # [[.3, .5, .2], [.7, 0, .6]]
+    assert coupling_loss(p_r, p_h, harmful, M).item() == pytest.approx(2.3 / 6, abs=1e-6)
+    got = coupling_loss(p_r, p_h, harmful, M, hard_frac=1 / 3)  # the maximum of each layer
+    assert got.item() == pytest.approx((0.5 + 0.7) / 2, abs=1e-6)
+    valid = torch.tensor([True, False, True])
+    got = coupling_loss(p_r, p_h, harmful, M, valid=valid)
+    assert got.item() == pytest.approx(((0.3 + 0.2) / 2 + (0.7 + 0.6) / 2) / 2, abs=1e-6)
+    assert torch.equal(per, coupling_hinge(p_r, p_h, harmful, M))
+
+
+def test_prompt_coupling_with_a_reading_taken_elsewhere():
+    v_ref, v_harm = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    h_post = torch.tensor([[[3.0, 4.0], [0.0, -2.0]]])  # p_r = .6, 0
+    h_inst = torch.tensor([[[1.0, 1.0], [-1.0, 1.0]]])
+    p_harm = torch.tensor([[0.1, -0.3]])
+    loss, p_r, p_h = prompt_coupling(h_inst, h_post, v_harm, v_ref, torch.tensor([True, False]), M,
+                                     p_harm=p_harm)
+    assert torch.equal(p_h, p_harm)
+    # harmful: relu(.5-.6) + relu(.5-.1) = .4; retain: relu(0) + relu(-.3) = 0
+    assert loss.item() == pytest.approx(0.2, abs=1e-6)
+
+
+def test_response_coupling_over_several_windows_by_hand():
+    # L=1, W=2, B=2: window 1 of row 1 lies past the response (invalid)
+    h = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [5.0, 5.0]]]])
+    v_ref_resp, v_harm_resp = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    valid = torch.tensor([[True, True], [True, False]])
+    loss, p_r, p_h = response_coupling(h, v_harm_resp, v_ref_resp, torch.tensor([True, False]), M,
+                                       valid=valid)
+    torch.testing.assert_close(p_r, torch.tensor([[1.0, 0.0]]))  # window 0's cosines
+    # (w0,row0) harmful: relu(.5-1)+relu(.5-0) = .5; (w0,row1) retain: relu(0)+relu(1) = 1;
+    # (w1,row0) harmful: relu(.5-0)+relu(.5-1) = .5; (w1,row1) invalid
+    assert loss.item() == pytest.approx(2.0 / 3, abs=1e-6)
+    one, _, _ = response_coupling(h[:, 0], v_harm_resp, v_ref_resp, torch.tensor([True, False]), M)
+    assert one.item() == pytest.approx(0.75, abs=1e-6)
+
+
+def test_pseudo_refusal_by_hand():
+    p_r = torch.tensor([[0.2, -0.05, -0.3, 0.4], [0.0, 0.1, -0.2, -0.5]])
+    pseudo = torch.tensor([False, True, True, False])
+    # layer 0: relu(-.05+.1) + relu(-.3+.1) = .05 over 2; layer 1: relu(.1+.1) + relu(-.2+.1) = .2
+    assert pseudo_refusal(p_r, pseudo, 0.1).item() == pytest.approx((0.025 + 0.1) / 2, abs=1e-6)
+    assert pseudo_refusal(p_r, torch.zeros(4, dtype=torch.bool), 0.1).item() == 0.0
+    q = p_r.clone().requires_grad_(True)
+    pseudo_refusal(q, pseudo, 0.1).backward()
+    assert q.grad[:, [0, 3]].abs().sum() == 0  # only pseudo rows are pushed

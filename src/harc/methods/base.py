@@ -47,6 +47,14 @@ class Method:
         return False
 
     @classmethod
+    def prepare_data(cls, cfg: TrainConfig, model, chat: ChatFormat,
+                     data: Mapping[str, Sequence]) -> dict:
+        """The split training data with any rows the method adds (made with the base `model`);
+        runs before the rows are encoded. `data["exclude"]`, when given, lists prompts that
+        nothing added may come near (the evaluation prompts)."""
+        return dict(data)
+
+    @classmethod
     def encode(cls, cfg: TrainConfig, chat: ChatFormat, rec: Mapping, kind: int) -> Example:
         return encode_example(chat, rec, kind, getattr(cfg, "n_resp_tokens", 32))
 

@@ -22,11 +22,13 @@ from harc.methods.config import KINDS, TrainConfig
 
 @dataclass(frozen=True)
 class Example:
-    """One encoded training row: `window` = response tokens pooled by the response coupling."""
+    """One encoded training row: `window` = response tokens pooled by the response coupling;
+    `pool` = target tokens a pooled window may cover (0: `window`)."""
 
     enc: PairEncoding
     kind: int  # index into KINDS
     window: int
+    pool: int = 0
 
     @property
     def length(self) -> int:
@@ -34,15 +36,17 @@ class Example:
 
 
 def encode_example(chat: ChatFormat, rec: Mapping, kind: int, n_resp_tokens: int = 32,
-                   target: str | None = None) -> Example:
+                   target: str | None = None, boundaries: bool = False) -> Example:
     """A record as a teacher-forced row; `target` names the response field (default: the refusal
-    for harmful rows, the response for retain rows)."""
+    for harmful rows, the response for retain rows). A record's "prefill" text goes before the
+    target and is no target itself; `boundaries` also locates the prompt's boundary tokens."""
     target = target or ("refusal" if kind == 0 else "response")
-    enc = chat.encode_pair(rec["prompt"], rec[target], add_eos=True)
+    enc = chat.encode_pair(rec["prompt"], rec[target], add_eos=True, prefill=rec.get("prefill"),
+                           boundaries=boundaries)
     has_eos = chat.tokenizer.eos_token_id is not None
     # The pooled window matches extraction, which encodes responses without the EOS.
-    window = min(n_resp_tokens, max(enc.resp_len - int(has_eos), 1))
-    return Example(enc, kind, window)
+    pool = max(enc.resp_len - enc.prefill_len - int(has_eos), 1)
+    return Example(enc, kind, min(n_resp_tokens, pool), pool)
 
 
 @dataclass
@@ -67,6 +71,10 @@ class MicroBatch:
     kl_sub_rows: Tensor  # kl_rows as indices into retain_rows
     n_real: int
     n_padded: int
+    user_col: Tensor | None = None  # [B] column of the first user-content token
+    resp_col: Tensor | None = None  # [B] column of the first target token (after any prefill)
+    resp_pool: Tensor | None = None  # [B] target tokens a pooled window may cover
+    boundary: Tensor | None = None  # [B, T] bool: boundary tokens (when the rows carry them)
 
     def to(self, device) -> MicroBatch:
         moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v)
@@ -88,15 +96,19 @@ def collate(examples: Sequence[Example], tail_len: int, pad_id: int,
     post = torch.tensor([o + e.enc.resp_start - 1 for o, e in zip(offs, examples, strict=True)])
     inst = torch.stack([(post - tail_len).clamp(min=0), torch.tensor(offs)]).max(0).values
     window = torch.zeros(B, T)
+    boundary = (torch.zeros(B, T, dtype=torch.bool) if any(e.enc.boundaries for e in examples)
+                else None)
     ce, kl = ([], [], []), ([], [])
     for i, (o, e) in enumerate(zip(offs, examples, strict=True)):
-        start = o + e.enc.resp_start
+        start = o + e.enc.resp_start + e.enc.prefill_len  # the prefill is context, not target
         window[i, start: start + e.window] = 1.0
-        cols = list(range(start - 1, start + e.enc.resp_len - 1))
+        if boundary is not None:
+            boundary[i, [o + b for b in e.enc.boundaries]] = True
+        cols = list(range(start - 1, o + e.enc.resp_start + e.enc.resp_len - 1))
         if e.kind == 0:
             ce[0].extend([i] * len(cols))
             ce[1].extend(cols)
-            ce[2].extend(e.enc.ids[e.enc.resp_start:])
+            ce[2].extend(e.enc.ids[e.enc.resp_start + e.enc.prefill_len:])
         else:
             kl[0].extend([i] * len(cols))
             kl[1].extend(cols)
@@ -108,7 +120,11 @@ def collate(examples: Sequence[Example], tail_len: int, pad_id: int,
         ids=ids, mask=mask, pos=pos, is_harmful=kind == 0, kind=kind, inst_col=inst,
         post_col=post, window=window, ce_rows=t(ce[0]), ce_cols=t(ce[1]), ce_targets=t(ce[2]),
         kl_rows=t(kl[0]), kl_cols=t(kl[1]), retain_rows=retain, retain_trim=trim,
-        kl_sub_rows=t([sub[r] for r in kl[0]]), n_real=int(mask.sum()), n_padded=B * T)
+        kl_sub_rows=t([sub[r] for r in kl[0]]), n_real=int(mask.sum()), n_padded=B * T,
+        user_col=t([o + e.enc.user_start for o, e in zip(offs, examples, strict=True)]),
+        resp_col=t([o + e.enc.resp_start + e.enc.prefill_len
+                    for o, e in zip(offs, examples, strict=True)]),
+        resp_pool=t([e.pool or e.window for e in examples]), boundary=boundary)
 
 
 class MicroBatchSampler:

@@ -77,6 +77,7 @@ class Trainer:
                                max_response_tokens=cfg.max_response_tokens)
         self.data = split_data(cfg, data, harmful_fields=method_cls.harmful_fields,
                                need_extraction=method_cls.needs_extraction_sets(cfg, directions))
+        self.data = method_cls.prepare_data(cfg, model, self.chat, self.data)
         for k in KINDS:
             if getattr(cfg.batch, k) and not self.data.get(k):
                 raise HarcError(f"batch.{k}={getattr(cfg.batch, k)} but data.{k} is empty")

@@ -65,6 +65,19 @@ def test_every_key_is_documented():
     ("data.harmful=missing.jsonl", "data.harmful"),
     ("directions=missing.safetensors", "directions"),
     ("resume=/no/such/checkpoint", "resume"),
+    ("harm_read=everywhere", "harm_read"),
+    ("read_temp=0", "read_temp"),
+    ("pseudo_margin=2", "pseudo_margin"),
+    ("weights.pseudo_ref=-1", "weights.pseudo_ref"),
+    ("pseudo_augment=50", "pseudo_augment"),
+    ("resp_offsets=[0, 0]", "resp_offsets"),
+    ("resp_offsets=[-4]", "resp_offsets"),
+    ("recovery_tokens=[0]", "recovery_tokens"),
+    ("margin_final=1.5", "margin_final"),
+    ("margin_final=0.8", "margin_ramp"),
+    ("hard_frac=0", "hard_frac"),
+    ("control=placebo", "control"),
+    ("frame_harmful=99", "frame_harmful"),
 ])
 def test_invalid_values_name_the_key(files, override, key):
     with pytest.raises(HarcError) as e:
@@ -118,6 +131,20 @@ def test_released_configs_match_the_paper():
         assert rc.train.steps <= steps and rc.eval.attacks and rc.run.n_synth > 0
     c = load_run_config(CONFIGS / "qwen2.5_coder_0.5b.yaml", []).train
     assert (c.steps, c.warmup_steps, c.refresh_every, c.ramp_step) == (2000, 100, 200, 1000)
+
+
+def test_improvement_keys_default_to_the_paper_and_parse(files):
+    c = load_config(files)
+    assert (c.harm_read, c.resp_offsets, c.recovery_tokens, c.margin_final, c.hard_frac,
+            c.control, c.pseudo_augment, c.weights.pseudo_ref) == (
+        "t_inst", [0], [], None, 1.0, "none", 0, 0.0)
+    c = load_config(files, ["harm_read=boundaries", "resp_offsets=[0, 16, 48]",
+                            "recovery_tokens=[8, 24]", "margin_final=0.8", "margin_ramp=300",
+                            "hard_frac=0.5", "control=shuffled_labels", "weights.pseudo_ref=1",
+                            "pseudo_margin=0.2", "pseudo_augment=3"])
+    assert c.resp_offsets == [0, 16, 48] and c.recovery_tokens == [8, 24]
+    assert c.weights.active() == {"couple": 1.0, "couple_resp": 1.0, "kl": 10.0, "ce": 1.0,
+                                  "pseudo_ref": 1.0}
 
 
 def test_round_trip(files, tmp_path):
