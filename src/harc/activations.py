@@ -8,6 +8,7 @@ once (a few columns, or a masked mean), so memory holds a batch, never a whole d
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -15,6 +16,8 @@ from torch import Tensor
 from harc.chat import ChatFormat, left_pad
 from harc.distributed import World
 from harc.models import decoder_layers
+
+T = TypeVar("T")
 
 
 class _StopForward(Exception):
@@ -47,7 +50,8 @@ class ResidualCapture:
             raise ValueError(f"slots must lie in 0..{self.n_layers}, got {self.slots}")
         self.reduce = reduce
         self.detach = detach
-        self.stop_early = stop_early
+        # FSDP2 blocks: every forward runs through all of them (see `fsdp_sharded`).
+        self.stop_early = stop_early and not _fsdp_unit(self.blocks[0])
         self.out: dict[int, Tensor] = {}
         self._handles: list = []
 
@@ -92,6 +96,19 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 
 def _device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _fsdp_unit(module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def fsdp_sharded(model) -> bool:
+    """Whether the decoder blocks are FSDP2 units. Every forward is then a collective: each rank
+    must run as many as the others, through every block (no early stop: a block left between its
+    unshard and its reshard breaks the next forward)."""
+    return _fsdp_unit(decoder_layers(model)[0])
 
 
 @torch.no_grad()
@@ -245,17 +262,34 @@ class MeanAccumulator:
         return (self.boot_sums[name] / self.boot_counts.clamp(min=1).view(shape)).float()
 
 
+def rank_share(world: World, items: Sequence[T], batch_size: int, even: bool = False
+               ) -> tuple[list[T], int]:
+    """This rank's whole batches of `items` (`World.shard`) and how many items were appended to
+    them: with `even`, a rank that has a batch fewer than others runs one more, a copy of the
+    first batch, to be dropped (under FSDP2 every forward is a collective). Only ranks without
+    the last, possibly short, batch are short of one, so their share is whole batches."""
+    mine = world.shard(items, batch_size)
+    n = -(-len(items) // batch_size)
+    pad = items[:batch_size] if even and -(-len(mine) // batch_size) < -(-n // world.size) else []
+    return mine + list(pad), len(pad)
+
+
 def accumulate_sharded(world: World, acts: Callable[[Sequence], Iterable[dict[str, Tensor]]],
-                       items: Sequence, acc: MeanAccumulator, batch_size: int) -> MeanAccumulator:
+                       items: Sequence, acc: MeanAccumulator, batch_size: int,
+                       even: bool = False) -> MeanAccumulator:
     """`acc` fed with every batch of `acts(items)`, each rank running its share, then summed over
     ranks. The bootstrap stream advances past other ranks' batches (`skip`), so every example gets
-    the Poisson weights of a single process and the result does not depend on the rank count."""
-    mine: Iterator[dict[str, Tensor]] = iter(acts(world.shard(items, batch_size)))
+    the Poisson weights of a single process and the result does not depend on the rank count.
+    `even`: every rank runs as many batches (`rank_share`)."""
+    share, padded = rank_share(world, items, batch_size, even)
+    mine: Iterator[dict[str, Tensor]] = iter(acts(share))
     for j in range(-(-len(items) // batch_size)):
         if j % world.size == world.rank:
             acc.add(next(mine))
         else:
             acc.skip(len(items[j * batch_size: (j + 1) * batch_size]))
+    if padded:
+        next(mine)
     return reduce_accumulator(world, acc)
 
 

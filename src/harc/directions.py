@@ -14,7 +14,14 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from harc._version import __version__
-from harc.activations import MeanAccumulator, accumulate_sharded, iter_prompt_acts, iter_response_acts
+from harc.activations import (
+    MeanAccumulator,
+    accumulate_sharded,
+    fsdp_sharded,
+    iter_prompt_acts,
+    iter_response_acts,
+    rank_share,
+)
 from harc.chat import ChatFormat
 from harc.errors import HarcError
 from harc.io import atomic_write, sha256_json
@@ -115,12 +122,11 @@ def _nonempty(name: str, items: Sequence) -> None:
         raise HarcError(f"the {name} set is empty; give at least one example")
 
 
-def _accumulate(acts, items: Sequence, acc: MeanAccumulator, batch_size: int, world=None
-                ) -> MeanAccumulator:
+def _accumulate(acts, items: Sequence, acc: MeanAccumulator, batch_size: int, world=None,
+                even: bool = False) -> MeanAccumulator:
     """Feed `acc` the batches of `acts(items)`, or this rank's share of them (harc.distributed)."""
     if world is not None and world.size > 1:
-
-        return accumulate_sharded(world, acts, items, acc, batch_size)
+        return accumulate_sharded(world, acts, items, acc, batch_size, even)
     for views in acts(items):
         acc.add(views)
     return acc
@@ -145,18 +151,19 @@ def extract_directions(
                         ("helpful", helpful)]:
         _nonempty(name, items)
     kw = dict(batch_size=batch_size, progress=progress)
+    even = world is not None and world.size > 1 and fsdp_sharded(model)
     prompt_acc = {}
     for i, (name, prompts) in enumerate([("harmful", harmful), ("harmless", harmless)]):
         prompt_acc[name] = _accumulate(
             lambda items: iter_prompt_acts(model, chat, items, **kw), prompts,
-            MeanAccumulator(n_boot, seed + i), batch_size, world)
+            MeanAccumulator(n_boot, seed + i), batch_size, world, even)
     resp_mean = {}
     for name, pairs in [("completion", harmful_completions), ("refusal", refusals),
                         ("helpful", helpful)]:
         acc = _accumulate(
             lambda items: ({"resp": x} for x in iter_response_acts(
                 model, chat, items, n_tokens=n_resp_tokens, **kw)),
-            pairs, MeanAccumulator(), batch_size, world)
+            pairs, MeanAccumulator(), batch_size, world, even)
         resp_mean[name] = acc.mean("resp")
 
     h, b = prompt_acc["harmful"], prompt_acc["harmless"]
@@ -194,16 +201,25 @@ def extract_directions(
 
 @torch.no_grad()
 def prompt_projections(model, chat: ChatFormat, prompts: Sequence[str], dirs: Directions,
-                       slots: Sequence[int] | None = None, batch_size: int = 16) -> Tensor:
-    """[N, len(slots), 2]: cos(h(t_inst), v_harm) and cos(h(t_post), v_ref) per prompt and slot."""
+                       slots: Sequence[int] | None = None, batch_size: int = 16,
+                       world=None) -> Tensor:
+    """[N, len(slots), 2]: cos(h(t_inst), v_harm) and cos(h(t_post), v_ref) per prompt and slot.
+    world: a multi-process `harc.distributed.World`: each rank runs its share of the batches and
+    every rank returns all rows, in input order."""
     slots = list(range(dirs.n_slots)) if slots is None else list(slots)
     v_harm, v_ref = dirs.v_harm[slots], dirs.v_ref[slots]
+    sharded = world is not None and world.size > 1
+    share, padded = (rank_share(world, prompts, batch_size, fsdp_sharded(model)) if sharded
+                     else (prompts, 0))
     out = []
-    for views in iter_prompt_acts(model, chat, prompts, slots=slots, batch_size=batch_size):
+    for views in iter_prompt_acts(model, chat, share, slots=slots, batch_size=batch_size):
         ph = F.cosine_similarity(views["inst"].cpu(), v_harm.unsqueeze(0), dim=-1)
         pr = F.cosine_similarity(views["post"].cpu(), v_ref.unsqueeze(0), dim=-1)
         out.append(torch.stack([ph, pr], dim=-1))
-    return torch.cat(out)
+    if not sharded:
+        return torch.cat(out)
+    mine = torch.cat(out)[: len(share) - padded] if out else torch.zeros(0, len(slots), 2)
+    return torch.stack(world.gather(list(mine), batch_size))
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 from harc.chat import ChatFormat  # noqa: E402
-from harc.directions import extract_directions  # noqa: E402
+from harc.directions import NAMES, Directions, extract_directions, prompt_projections  # noqa: E402
 from harc.distributed import World  # noqa: E402
 from harc.errors import HarcError  # noqa: E402
 from harc.eval import EvalConfig, Evaluator, GenerationCache  # noqa: E402
@@ -64,6 +64,9 @@ def main(out_dir: Path) -> None:
     prefills = [None, "Sure", None, None, "I", None, None, None, "Step 1:"]
     res = {"world": (world.rank, world.size, str(world.device)), **collectives(world)}
     res["dirs_single"], res["dirs_multi"] = directions(model, chat, None), directions(model, chat, world)
+    dirs = Directions(**{n: res["dirs_single"][n] for n in NAMES}, norms={})
+    res["proj_single"] = prompt_projections(model, chat, PROMPTS, dirs, batch_size=2)
+    res["proj_multi"] = prompt_projections(model, chat, PROMPTS, dirs, batch_size=2, world=world)
     kw = dict(max_new_tokens=6, batch_size=2, prefills=prefills)
     res["gen_single"] = generate(model, chat, PROMPTS, **kw)
     res["gen_multi"] = generate_sharded(world, model, chat, PROMPTS, **kw)

@@ -46,6 +46,13 @@ def test_extraction_matches_one_process_and_is_identical_on_every_rank(ranks):
         assert torch.equal(res[1]["dirs_multi"][k], multi[k]), k
 
 
+def test_held_out_projections_match_one_process_on_every_rank(ranks):
+    res, _ = ranks
+    for r in res:
+        assert r["proj_single"].shape == (9, 5, 2)
+        torch.testing.assert_close(r["proj_multi"], r["proj_single"], rtol=1e-6, atol=1e-7)
+
+
 def test_generation_and_evaluation_match_one_process(ranks):
     res, out = ranks
     for r in res:
