@@ -10,17 +10,20 @@ of its own (e.g. HARC's directions and selected layers), which it saves into che
         Config = MyConfig          # a TrainConfig subclass with the method's keys
         terms = ("ce", "kl")
         def micro_step(self, mb, scale): ...   # forward, backward(scale), detached terms
+        def loss(self, mb): ...                # optional: multi-process training (see below)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor
 
 from harc.chat import ChatFormat
+from harc.distributed import World
 from harc.methods.batching import Example, MicroBatch, encode_example
 from harc.methods.config import TrainConfig
 from harc.registry import Registry
@@ -34,6 +37,9 @@ class Method:
     terms: ClassVar[tuple[str, ...]] = ()
     # Fields every harmful training record must have (the texts the method trains on).
     harmful_fields: ClassVar[tuple[str, ...]] = ("prompt", "refusal")
+    # The processes training together; the trainer sets it after __init__. Work between optimizer
+    # steps (extraction, checks) runs on every rank and may split its batches over them.
+    world: World = World()
 
     def __init__(self, cfg: TrainConfig, model, chat: ChatFormat, data: Mapping[str, Sequence], *,
                  directions=None):
@@ -66,6 +72,15 @@ class Method:
                    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Forward and backward (loss x `scale`) of one micro-batch. Returns the detached terms
         and [L, B] per-row statistics that the log averages per category (may be empty)."""
+        raise NotImplementedError
+
+    def loss(self, mb: MicroBatch
+             ) -> AbstractContextManager[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]]:
+        """The forward alone, for multi-process training (DDP and FSDP2 must see the forward end
+        before they run the backward): a context manager yielding the weighted total loss (with
+        grad), the detached terms and the [L, B] statistics of `micro_step`. The trainer runs the
+        backward inside the with-block, so hooks the forward needs may stay in place until then.
+        A method without it trains in one process only."""
         raise NotImplementedError
 
     def log_fields(self) -> dict[str, Any]:

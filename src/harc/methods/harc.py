@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -93,18 +93,20 @@ def _read_mask(mb: MicroBatch, boundaries: bool) -> Tensor:
     return (cols >= mb.user_col.unsqueeze(1)) & (cols <= inst)
 
 
-def micro_step(model, mb: MicroBatch, dirs: Directions, layers: Sequence[int], *, margin: float,
-               weights: Mapping[str, float] | None = None, backward_scale: float | None = None,
-               chunk: int = 1024, coupling: Coupling | None = None
-               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Forward (and, with `backward_scale`, backward) of one micro-batch on the model's device.
+@contextlib.contextmanager
+def micro_loss(model, mb: MicroBatch, dirs: Directions, layers: Sequence[int], *, margin: float,
+               weights: Mapping[str, float] | None = None, chunk: int = 1024,
+               coupling: Coupling | None = None
+               ) -> Iterator[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]]:
+    """Forward of one micro-batch on the model's device; yields (loss, terms, proj).
 
-    Returns (terms, proj): terms has couple, couple_resp, kl, ce and every opt-in term with a
-    positive weight (0-d float32; with grad unless backward ran); proj holds [L, B] cosines
-    "prompt_p_ref", "prompt_p_harm", "resp_p_ref", "resp_p_harm". The backward runs while the
-    capture hooks are still registered: under transformers versions that checkpoint a block's
-    `__call__`, the hooks are part of what the backward pass recomputes. `coupling` holds the
-    opt-in coupling changes (default: the paper's coupling).
+    loss: the weighted total (0-d, with grad); terms: couple, couple_resp, kl, ce and every opt-in
+    term with a positive weight (0-d float32, with grad); proj: [L, B] detached cosines
+    "prompt_p_ref", "prompt_p_harm", "resp_p_ref", "resp_p_harm". Run the backward inside the
+    with-block: the capture hooks, the fused LoRA and the input-cast setting stay in place until
+    it ends, so that activation checkpointing recomputes the ops the forward ran (under
+    transformers versions that checkpoint a block's `__call__`, the hooks are part of what it
+    recomputes). `coupling` holds the opt-in coupling changes (default: the paper's coupling).
     """
     c = coupling or Coupling()
     w = dict(weights or LossWeights().active())
@@ -151,13 +153,23 @@ def micro_step(model, mb: MicroBatch, dirs: Directions, layers: Sequence[int], *
         terms = {"couple": couple, "couple_resp": couple_resp, "kl": kl, "ce": ce}
         if w.get("pseudo_ref", 0.0) > 0:
             terms["pseudo_ref"] = pseudo_refusal(pr, kind == 2, c.pseudo_margin)
+        proj = {"prompt_p_ref": pr.detach(), "prompt_p_harm": ph.detach(),
+                "resp_p_ref": rpr.detach(), "resp_p_harm": rph.detach()}
+        yield sum(w[k] * terms[k] for k in terms), terms, proj
+
+
+def micro_step(model, mb: MicroBatch, dirs: Directions, layers: Sequence[int], *, margin: float,
+               weights: Mapping[str, float] | None = None, backward_scale: float | None = None,
+               chunk: int = 1024, coupling: Coupling | None = None
+               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """`micro_loss`, and with `backward_scale` its backward (loss x scale). Returns (terms, proj);
+    the terms keep their grad unless backward ran."""
+    with micro_loss(model, mb, dirs, layers, margin=margin, weights=weights, chunk=chunk,
+                    coupling=coupling) as (loss, terms, proj):
         if backward_scale is not None:
-            loss = sum(w[k] * terms[k] for k in terms) * backward_scale
             if loss.requires_grad:
-                loss.backward()
+                (loss * backward_scale).backward()
             terms = {k: v.detach() for k, v in terms.items()}
-    proj = {"prompt_p_ref": pr.detach(), "prompt_p_harm": ph.detach(),
-            "resp_p_ref": rpr.detach(), "resp_p_harm": rph.detach()}
     return terms, proj
 
 
@@ -268,7 +280,7 @@ class HarcMethod(Method):
                 refusals=[(r["prompt"], r["refusal"]) for r in h_resp],
                 helpful=[(r["prompt"], r["response"]) for r in d["extract_harmless_resp"]],
                 n_resp_tokens=c.n_resp_tokens, batch_size=c.extract_batch_size,
-                n_boot=c.n_boot, seed=c.seed)
+                n_boot=c.n_boot, seed=c.seed, world=self.world)
         finally:
             self.model.train(was_training)
 
@@ -314,7 +326,7 @@ class HarcMethod(Method):
             self.model.eval()
             try:
                 p = prompt_projections(self.model, self.chat, prompts, dirs, slots=layers,
-                                       batch_size=self.cfg.extract_batch_size)
+                                       batch_size=self.cfg.extract_batch_size, world=self.world)
             finally:
                 self.model.train(was)
             out[side] = {"p_harm": p[..., 0].mean(0).tolist(), "p_ref": p[..., 1].mean(0).tolist()}
@@ -356,21 +368,31 @@ class HarcMethod(Method):
         perm = None
         if c.control == "shuffled_labels":
             # A function of (seed, step, micro-step): the same on resume, no state to keep.
-            g = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step * 1_009 + self._micro)
+            # The micro-batch's index in the step: rank r of N runs r, r + N, ... (harc.distributed).
+            micro = self.world.rank + self._micro * self.world.size
+            g = torch.Generator().manual_seed(c.seed * 1_000_003 + self.step * 1_009 + micro)
             perm = torch.randperm(batch_size, generator=g)
         return Coupling(harm_read=c.harm_read, read_temp=c.read_temp,
                         pseudo_margin=c.pseudo_margin, resp_offsets=tuple(c.resp_offsets),
                         n_resp_tokens=c.n_resp_tokens, hard_frac=c.hard_frac, label_perm=perm)
 
-    def micro_step(self, mb: MicroBatch, scale: float):
+    def _step_args(self, mb: MicroBatch) -> dict[str, Any]:
+        """What `micro_loss` takes besides the model and the micro-batch (counts the micro-step)."""
         device = next(self.model.parameters()).device
         if self._dev_dirs is None or self._dev_dirs[0] is not self.dirs:
             self._dev_dirs = (self.dirs, self.coupling_dirs().to(device))
         coupling = self.coupling(mb.ids.shape[0])
         self._micro += 1
-        return micro_step(self.model, mb, self._dev_dirs[1], self.layers, margin=self.margin(),
-                          weights=self.weights(), backward_scale=scale,
-                          chunk=self.cfg.logits_chunk, coupling=coupling)
+        return dict(dirs=self._dev_dirs[1], layers=self.layers, margin=self.margin(),
+                    weights=self.weights(), chunk=self.cfg.logits_chunk, coupling=coupling)
+
+    def micro_step(self, mb: MicroBatch, scale: float):
+        return micro_step(self.model, mb, backward_scale=scale, **self._step_args(mb))
+
+    @contextlib.contextmanager
+    def loss(self, mb: MicroBatch):
+        with micro_loss(self.model, mb, **self._step_args(mb)) as (loss, terms, proj):
+            yield loss, {k: v.detach() for k, v in terms.items()}, proj
 
     def log_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"layers": self.layers}
