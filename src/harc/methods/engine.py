@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
+from peft import PeftModel
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -32,6 +32,7 @@ from torch import Tensor
 from harc._version import __version__
 from harc.chat import ChatFormat
 from harc.config import to_dict
+from harc.distributed import World
 from harc.errors import HarcError
 from harc.io import atomic_write_json, atomic_write_text
 from harc.lora import attach_lora, make_portable
@@ -47,6 +48,7 @@ from harc.methods.checkpoint import (
 )
 from harc.methods.config import KINDS, TrainConfig
 from harc.methods.data import split_data
+from harc.methods.parallel import Parallel
 from harc.methods.step import compiled_blocks, set_checkpointing
 from harc.models import model_identity, unwrap
 
@@ -59,12 +61,17 @@ class Trainer:
     "pseudo": [...]?, "extract_harmful"?, "extract_harmless"?, "val_harmful"?, "val_harmless"?}.
     directions: base directions for methods that use them (else `config.directions`, else
     extracted from the base model).
+    world, strategy: train in several processes (`harc.methods.parallel`): every rank builds its
+    Trainer alike and calls `train()`; rank 0 logs and writes.
     """
 
     def __init__(self, config: TrainConfig, model, tokenizer, data: Mapping[str, Sequence], *,
-                 directions=None, progress: bool = False):
+                 directions=None, progress: bool = False, world: World | None = None,
+                 strategy: str = "ddp"):
         self.cfg = cfg = config
-        self.progress = progress
+        self.world = world or World()
+        self.world.check_grad_accum(cfg.grad_accum)
+        self.progress = progress and self.world.is_main
         self.out = Path(cfg.output_dir)
         method_cls: type[Method] = METHODS.get(cfg.method)
         if not isinstance(cfg, method_cls.Config):
@@ -85,7 +92,6 @@ class Trainer:
                     for i, k in enumerate(KINDS)}
         self.sampler = MicroBatchSampler(cfg, examples)
         self.method = method_cls(cfg, model, self.chat, self.data, directions=directions)
-        self.device = next(model.parameters()).device
         if isinstance(model, PeftModel):
             self.model = model
         else:
@@ -93,7 +99,9 @@ class Trainer:
             torch.manual_seed(cfg.seed)
             self.model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha,
                                      dropout=cfg.lora.dropout, target_modules=cfg.lora.targets)
-        self.method.model = self.model
+        self.method.model, self.method.world = self.model, self.world
+        self.parallel = Parallel(self.world, strategy, self.model, self.method)  # FSDP2: shards
+        self.device = next(self.model.parameters()).device
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         if not self.params:
             raise HarcError("the model has no trainable (adapter) parameters")
@@ -116,11 +124,12 @@ class Trainer:
         stat_sum: dict[str, Tensor] = {}
         counts = torch.zeros(2, device=self.device)
         tokens = padded = 0
-        for a in range(c.grad_accum):
-            exs = self.sampler(self.step * c.grad_accum + a)
+        mine = self.world.micro_batches(self.step, c.grad_accum)  # all of them in one process
+        for j, index in enumerate(mine):
+            exs = self.sampler(index)
             mb = collate(exs, self.chat.tail_len, self.chat.tokenizer.pad_token_id,
                          c.pad_multiple).to(self.device)
-            terms, stats = self.method.micro_step(mb, 1.0 / c.grad_accum)
+            terms, stats = self.parallel.micro_step(mb, 1.0 / len(mine), last=j == len(mine) - 1)
             for k, v in terms.items():
                 sums[k] += v / c.grad_accum
             # Per-row statistics: per category (harmful / retain) and layer, summed over rows.
@@ -131,12 +140,13 @@ class Trainer:
                 stat_sum[k] = stat_sum.get(k, 0) + s
             tokens += mb.n_real
             padded += mb.n_padded
-        grad_norm = torch.nn.utils.clip_grad_norm_(
+        sums, stat_sum, counts, tokens, padded = self._reduce(sums, stat_sum, counts, tokens, padded)
+        grad_norm = self.parallel.clip_grad_norm(
             self.params, c.max_grad_norm if c.max_grad_norm else float("inf"))
         vals = {k: float(v) for k, v in sums.items()}  # one sync per optimizer step
         vals["grad_norm"] = float(grad_norm)
         bad = [k for k, v in vals.items() if not math.isfinite(v)]
-        if bad:
+        if not self.world.all_ranks_agree(not bad):
             self.optimizer.zero_grad(set_to_none=True)
             self._nonfinite(bad, vals)
             self.scheduler.step()  # keeps the step -> lr schedule
@@ -157,6 +167,17 @@ class Trainer:
         return {"step": self.step + 1, "lr": lr, "loss": loss, **vals, **self.method.log_fields(),
                 "proj": stat_rec, "tokens": tokens, "padded_tokens": padded,
                 "tokens_per_s": tokens / dt, "step_s": dt}
+
+    def _reduce(self, sums, stat_sum, counts, tokens, padded):
+        """The step's logged sums over all ranks (unchanged in one process)."""
+        if self.world.size == 1:
+            return sums, stat_sum, counts, tokens, padded
+        r = self.parallel.reduce({
+            **{f"t/{k}": v for k, v in sums.items()}, **{f"s/{k}": v for k, v in stat_sum.items()},
+            "counts": counts, "tokens": torch.tensor(float(tokens)),
+            "padded": torch.tensor(float(padded))})
+        return ({k: r[f"t/{k}"] for k in sums}, {k: r[f"s/{k}"] for k in stat_sum}, r["counts"],
+                int(r["tokens"]), int(r["padded"]))
 
     def _nonfinite(self, bad: list[str], vals: dict) -> None:
         # An isolated non-finite gradient happens in long bf16 runs (one in 1,642 steps of the
@@ -181,10 +202,11 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self._maybe_resume()
         if self.step == 0:
-            atomic_write_json(self.out / "config.json", to_dict(c))
+            if self.world.is_main:
+                atomic_write_json(self.out / "config.json", to_dict(c))
             self._log({"event": "start", "step": 0, "method": c.method,
                        "trainable_params": sum(p.numel() for p in self.params),
-                       **self.method.on_start(self.out), "harc_version": __version__})
+                       **self._hook(self.method.on_start, out=self.out), "harc_version": __version__})
         bar = self._progress()
         name = c.method.upper() if len(c.method) <= 4 else c.method
         task = bar.add_task(name, total=c.steps, completed=self.step, loss=float("nan"), tps=0.0)
@@ -202,14 +224,23 @@ class Trainer:
                     self._log(rec)
                     bar.update(task, completed=self.step, loss=rec["loss"],
                                tps=rec["tokens_per_s"])
-                for r in self.method.after_step(self.step, self.step >= c.steps, status):
+                for r in self._hook(self.method.after_step, self.step, self.step >= c.steps, status):
                     self._log(r)
                 if self.step == c.steps or (c.checkpoint_every and
                                             self.step % c.checkpoint_every == 0):
                     self.save_checkpoint()
         final = self.save_adapter(self.out / "adapter")
-        self._log({"event": "end", "step": self.step, **self.method.on_end(self.out)})
+        self._log({"event": "end", "step": self.step, **self._hook(self.method.on_end, out=self.out)})
+        self.world.barrier()  # every rank returns once rank 0 has written
         return final
+
+    def _hook(self, fn, *args, out: Path | None = None):
+        """A method's hook, on every rank (its forwards and collectives need them all). Files come
+        from rank 0: the other ranks write into a scratch `out` folder, dropped afterwards."""
+        if out is None or self.world.is_main:
+            return self.parallel.run(fn, *args, *([out] if out else []))
+        with tempfile.TemporaryDirectory() as scratch:
+            return self.parallel.run(fn, Path(scratch))
 
     def _progress(self):
         return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -223,6 +254,8 @@ class Trainer:
         return self.out / "log.jsonl"
 
     def _log(self, rec: dict) -> None:
+        if not self.world.is_main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, default=float) + "\n")
@@ -239,12 +272,15 @@ class Trainer:
         path = self.ckpt_dir / ptr.read_text().strip()
         return path if path.is_dir() else None
 
-    def save_adapter(self, target: Path) -> Path:
+    def save_adapter(self, target: Path, snap=None) -> Path:
         """The PEFT adapter plus harc_adapter.json (base identity, method state, config),
-        atomically."""
+        atomically. Every rank calls it (or passes rank 0 its `Parallel.snapshot`); rank 0 writes."""
+        snap = snap or self.parallel.snapshot()
+        if snap is None:
+            return target
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        self.model.save_pretrained(str(tmp), safe_serialization=True)
+        self.model.save_pretrained(str(tmp), safe_serialization=True, **snap.save_kwargs)
         make_portable(tmp, model_identity(self.model)["model"])
         (tmp / "harc_adapter.json").write_text(json.dumps(
             {**model_identity(self.model), "harc_version": __version__, "step": self.step,
@@ -255,12 +291,16 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Adapter, optimizer, scheduler, RNG, step and the method's state, written as one folder
-        that appears atomically; then the `latest` pointer moves and old checkpoints are pruned."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        that appears atomically; then the `latest` pointer moves and old checkpoints are pruned.
+        Every rank calls it; rank 0 writes."""
         name = f"step-{self.step:07d}"
+        snap = self.parallel.snapshot(self.optimizer)
+        if snap is None:
+            return self.ckpt_dir / name
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.ckpt_dir, prefix=f".{name}."))
-        self.save_adapter(tmp / "adapter")
-        opt = save_optimizer(self.optimizer, tmp / "optimizer.safetensors")
+        self.save_adapter(tmp / "adapter", snap)
+        opt = save_optimizer(snap.optimizer, tmp / "optimizer.safetensors")
         py_rng = save_rng(tmp / "rng.safetensors")
         self.method.save(tmp)
         (tmp / "trainer_state.json").write_text(json.dumps({
@@ -284,6 +324,7 @@ class Trainer:
                                 "output_dir, or set resume=auto to continue that run")
             return
         path = self.latest_checkpoint() if c.resume == "auto" else Path(c.resume)
+        self.parallel.same_on_every_rank(path and path.name, "checkpoints")
         if path is not None:
             self.load_checkpoint(path)
 
@@ -303,17 +344,18 @@ class Trainer:
                             "restore them or start a new output_dir")
         adapter = path / "adapter"
         weights = load_file(str(next(adapter.glob("adapter_model*.safetensors"))))
-        result = set_peft_model_state_dict(self.model, weights)
+        result = self.parallel.load_adapter(weights)
         if getattr(result, "unexpected_keys", None):
             raise HarcError(f"checkpoint adapter does not fit this model: {result.unexpected_keys[:3]}")
-        load_optimizer(self.optimizer, path / "optimizer.safetensors", st, self.device)
+        load_optimizer(self.parallel.loadable(self.optimizer), path / "optimizer.safetensors", st,
+                       self.device)
         self.scheduler.load_state_dict(st["scheduler"])
         load_rng(path / "rng.safetensors", st["python_rng"])
         self.method.load(path, st["method"])
         self.step = int(st["step"])
         self.skipped = int(st.get("skipped", 0))
         # Drop log records from after the checkpoint (written before the interruption).
-        if self.log_path.is_file():
+        if self.log_path.is_file() and self.world.is_main:
             keep = [line for line in self.log_path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= self.step
                     and json.loads(line).get("event") != "end"]
