@@ -144,6 +144,21 @@ def test_every_rank_ends_with_the_same_directions_and_adapter(runs, strategy):
         assert torch.equal(r0["params"][k], r1["params"][k]), k
 
 
+def test_a_checkpoint_of_two_fsdp_processes_resumes_in_one(runs, tmp_path):
+    ckpt = runs["fsdp"][0] / "checkpoints" / "step-0000002"
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(run_config(tmp_path, resume=str(ckpt)), tiny_model("llama"),
+                tiny_tokenizer("chatml"), make_data()).train()
+    finally:
+        torch.set_num_threads(n)
+    want = load_file(str(runs["single"] / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], msg=k, **CLOSE)
+
+
 def test_train_command_relaunches_itself_in_two_processes(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "tiny")
     tiny_tokenizer("chatml").save_pretrained(tmp_path / "tiny")
