@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from tiny import tiny_model
 
@@ -25,3 +28,20 @@ def peft_two_adapters(seed: int = 0):
     torch.manual_seed(seed + 1)
     model.add_adapter("beta", cfg)
     return model.eval()
+
+
+def garak_block(report: Path) -> dict:
+    """A `redteam` block of two served names from a garak report: "m" as garak saw it, and
+    "m+keyword" with the DAN prompt blocked (no mitigation bypass)."""
+    from harc.serve.redteam import parse_report
+
+    rep = parse_report(report)
+    blocked = json.loads(json.dumps(rep["probes"]))
+    blocked["dan.Dan_11_0"]["detectors"]["mitigation.MitigationBypass"].update(hits=0, rate=0.0)
+    return {"tool": "garak", "garak_version": "0.17.1", "model": "m",
+            "probes": ["dan.Dan_11_0", "encoding.InjectBase64"],
+            "settings": {"generations": 1, "prompt_cap": 6, "max_tokens": 48},
+            "targets": [{"name": "m", "adapter": None, "layers": [], "wall_s": 3.0,
+                         "probes": rep["probes"], "examples": rep["examples"]},
+                        {"name": "m+keyword", "adapter": None, "layers": ["keyword"],
+                         "wall_s": 2.0, "probes": blocked, "examples": []}]}
