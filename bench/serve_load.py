@@ -3,7 +3,7 @@
     python bench/serve_load.py --out docs/bench/serve_load-cpu.json              # 50 x 10, CPU
     python bench/serve_load.py --clients 4 --requests 2 --max-tokens 4           # a quick check
 
-Starts `python -m harc.serve serve` on a free 127.0.0.1 port with the model, one adapter and the
+Starts `python -m harc serve` on a free 127.0.0.1 port with the model, one adapter and the
 keyword filter, then runs three scenarios one after another: the base model, the adapter, and the
 adapter behind the keyword filter. In each, C clients send R chat completions back to back (benign
 prompts, so the filter passes them and its cost is what changes). Every request's latency is kept;
@@ -64,7 +64,7 @@ def _random_adapter(model: str, out: Path) -> Path:
 
 def _start_server(args, adapter: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    cmd = [sys.executable, "-m", "harc.serve", "serve", "--model", args.model,
+    cmd = [sys.executable, "-m", "harc", "serve", "--model", args.model,
            "--adapter", f"harc={adapter}", "--filter", "keyword", "--port", str(port),
            "--log-level", "warning", f"limits.max_tokens={args.max_tokens}",
            f"limits.max_concurrent_requests={max(64, args.clients)}",

@@ -1,6 +1,6 @@
 """PyRIT 1.x against `harc serve`: each served model is an `OpenAIChatTarget`.
 
-    python -m harc.serve serve --adapter harc=runs/smollm2_135m/adapter --filter keyword \
+    harc serve --adapter harc=runs/smollm2_135m/adapter --filter keyword \
         --api-key "$KEY" &
     HARC_API_KEY="$KEY" python examples/pyrit_target.py --endpoint http://127.0.0.1:8000/v1 \
         --model smollm2-135m-instruct --model harc+keyword

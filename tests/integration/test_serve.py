@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from harc.report.tree import pct
+
 pytestmark = pytest.mark.integration
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -48,7 +50,7 @@ def _free_port() -> int:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "harc.serve", *args]
+    return [sys.executable, "-m", "harc", *args]
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +205,7 @@ def test_garak_redteam_reaches_the_report(adapter, tmp_path):
     assert kw["mitigation.MitigationBypass"]["hits"] == 0
     html = (out / "report.html").read_text()
     assert json.loads((out / "results.json").read_text())["redteam"]["targets"]
-    from harc.report import pct
-
+    assert html.index('id="redteam"') < html.index('id="provenance"')
     for t in block["targets"]:
         for probe, p in t["probes"].items():
             assert probe in html

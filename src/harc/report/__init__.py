@@ -1,7 +1,7 @@
 """results.json -> one self-contained `report.html` and a `report.md` with PNG plots beside it.
 
-The report is built once as a document tree (`tree`; sections from `sections` and
-`run_sections`) and rendered twice (`html` through an autoescaped jinja2 template, `markdown`),
+The report is built once as a document tree (`tree`; sections from `sections`, `run_sections`
+and `redteam`) and rendered twice (`html` through an autoescaped jinja2 template, `markdown`),
 so both files hold the same numbers. Every builder tolerates absent keys: a section whose data is
 missing is left out, and a malformed part of results.json costs only its own section.
 """
@@ -13,14 +13,14 @@ from pathlib import Path
 
 from harc.eval.results import load_results
 from harc.io import atomic_write, atomic_write_text
-from harc.report import run_sections, sections
+from harc.report import redteam, run_sections, sections
 from harc.report.html import render_html
 from harc.report.markdown import render_markdown
 from harc.report.tree import Cards, Section, Text, figures, runs_of
 
 SECTIONS = (sections.summary, sections.attacks, sections.per_category, sections.refusal,
             sections.capability, sections.judges, run_sections.geometry, run_sections.plane,
-            run_sections.training, sections.examples, run_sections.provenance)
+            run_sections.training, sections.examples, redteam.redteam, run_sections.provenance)
 
 # What a malformed results.json raises inside a builder (a string where a list belongs, ...).
 _MALFORMED = (KeyError, TypeError, ValueError, IndexError, AttributeError)

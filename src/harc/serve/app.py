@@ -24,6 +24,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from harc.chat import ChatFormat
+from harc.errors import HarcError
 from harc.serve import protocol as P
 from harc.serve.config import ServeConfig
 from harc.serve.engine import Engine, EngineClosed, Outcome, run_generate
@@ -79,15 +81,11 @@ def create_app(cfg: ServeConfig, model, tokenizer, *, api_key: str | None = None
                generate_fn=run_generate) -> FastAPI:
     """The app for an already loaded model (adapters loaded under their served names)."""
     if not getattr(tokenizer, "chat_template", None):
-        from harc.errors import HarcError
-
         raise HarcError("this tokenizer has no chat template; the server renders OpenAI messages "
                         "with it, so serve a chat model")
     limits = cfg.limits
     engine = Engine(model, tokenizer, {}, max_batch_size=cfg.batching.max_batch_size,
                     wait_ms=cfg.batching.wait_ms, generate_fn=generate_fn)
-    from harc.chat import ChatFormat
-
     chat = ChatFormat(tokenizer, max_prompt_tokens=limits.max_prompt_tokens)
     engine.targets = build_targets(cfg, model, chat, engine.active)
     renderer = Renderer(tokenizer)

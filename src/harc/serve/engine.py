@@ -3,7 +3,8 @@
 Requests that arrive together are collected for `wait_ms` (up to `max_batch_size`) and run as one
 `generate` call per (adapter, max_tokens) group: requests for different adapters never share a
 forward pass, since the adapter is switched between calls (`set_adapter` / `disable_adapter`).
-Policy layers run first, in the same thread, so a blocked request costs no generation.
+Input screening runs first, in the same thread, so a blocked request costs no generation; output
+checks run on the finished text.
 """
 
 from __future__ import annotations
@@ -17,19 +18,26 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
+import torch
+from peft import PeftModel
+
 from harc.errors import HarcError
+from harc.eval.filters import Filter
 from harc.generation import generate
-from harc.serve.policy import PolicyLayer, Target
+from harc.lora import check_adapter_compat
+from harc.models import load_model
+from harc.serve.policy import Target, output_flags
 
 log = logging.getLogger("harc.serve")
 _STOP = object()
 
 
-def run_generate(model, chat, prompts: Sequence[str], max_new_tokens: int,
-                 batch_size: int) -> list[str]:
-    """The server's one call into generation: swapping in a faster engine with the same
-    signature is a change of this line."""
-    return generate(model, chat, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+def run_generate(model, chat, prompts: Sequence[str], max_new_tokens: int, batch_size: int,
+                 on_done: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
+    """The server's one call into generation. `on_done(indices, texts)` is called as rows finish
+    (generate's continuous batching), so a short answer need not wait for the longest."""
+    return generate(model, chat, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    on_done=on_done)
 
 
 class RenderedChat:
@@ -165,8 +173,9 @@ class Engine:
         for jobs in _group(batch, lambda j: j.target.name):
             try:
                 with self.active(jobs[0].target.adapter):
-                    hits = _first_hits(jobs, lambda layer, js: layer.check_input(
-                        [j.check for j in js]))
+                    hits = _first_hits(jobs[0].target.input_layers, len(jobs),
+                                       lambda layer, idx, js=jobs: layer.flags(
+                                           [js[i].check for i in idx]))
             except Exception as e:  # a failing layer fails its requests, not the server
                 _fail(jobs, e, "policy layer")
                 continue
@@ -176,23 +185,44 @@ class Engine:
                 else:
                     job.done(_refusal(job, layer))
         for jobs in _group(pending, lambda j: (j.target.adapter, j.max_tokens)):
-            try:
-                with self.active(jobs[0].target.adapter):
-                    texts = self.generate_fn(self.model, self.chat, [j.prompt for j in jobs],
-                                             jobs[0].max_tokens, self.max_batch_size)
-                    self.batches += 1
-                    by_job = dict(zip(map(id, jobs), texts))
-                    hits = {}
-                    for same in _group(jobs, lambda j: j.target.name):
-                        found = _first_hits(same, lambda layer, js, t=by_job: layer.check_output(
-                            [j.check for j in js], [t[id(j)] for j in js]))
-                        hits.update(zip(map(id, same), found))
-            except Exception as e:
-                _fail(jobs, e, "generation")
-                continue
-            for job, text in zip(jobs, texts):
-                layer = hits[id(job)]
-                job.done(self._finish(job, text) if layer is None else _refusal(job, layer))
+            self._generate(jobs)
+
+    def _generate(self, jobs: list[Job]) -> None:
+        """One generate call for jobs of one adapter and max_tokens. A job without output checks
+        is answered as soon as its row finishes; the others once the call returns, after their
+        layers' `check_output` (never from inside generation, whose decoder state a layer running
+        the model could disturb)."""
+        texts: dict[int, str] = {}
+        answered: set[int] = set()
+
+        def on_done(rows: list[int], outs: list[str]) -> None:
+            for i, text in zip(rows, outs):
+                if jobs[i].target.output_layers:
+                    texts[i] = text
+                else:
+                    answered.add(i)
+                    jobs[i].done(self._finish(jobs[i], text))
+
+        try:
+            with self.active(jobs[0].target.adapter):
+                outs = self.generate_fn(self.model, self.chat, [j.prompt for j in jobs],
+                                        jobs[0].max_tokens, self.max_batch_size, on_done)
+                self.batches += 1
+                rest = [i for i in range(len(jobs)) if i not in answered]
+                # checked as the client would get it: stop strings cut
+                outcomes = {i: self._finish(jobs[i], texts[i] if i in texts else outs[i])
+                            for i in rest}
+                for idx in _group(rest, lambda i: jobs[i].target.name):
+                    hits = _first_hits(jobs[idx[0]].target.output_layers, len(idx),
+                                       lambda layer, sub, idx=idx: output_flags(
+                                           layer, [jobs[idx[k]].check for k in sub],
+                                           [outcomes[idx[k]].text for k in sub]))
+                    for i, layer in zip(idx, hits):
+                        answered.add(i)
+                        jobs[i].done(outcomes[i] if layer is None else _refusal(jobs[i], layer))
+        except Exception as e:
+            _fail([j for i, j in enumerate(jobs) if i not in answered], e,
+                  "generation or output check")
 
     def _finish(self, job: Job, text: str) -> Outcome:
         cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
@@ -204,51 +234,46 @@ class Engine:
         return Outcome(text, "length" if cut < 0 and n >= job.max_tokens else "stop", n)
 
 
-def _group(jobs: list[Job], key) -> list[list[Job]]:
-    """Jobs grouped by key, groups in order of their first job."""
+def _group(items: list, key) -> list[list]:
+    """Items grouped by key, groups in order of their first item."""
     groups: dict = {}
-    for job in jobs:
-        groups.setdefault(key(job), []).append(job)
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
     return list(groups.values())
 
 
-def _first_hits(jobs: list[Job], check) -> list[PolicyLayer | None]:
-    """For jobs of one target, the first layer that blocks each (None: passes every layer);
-    `check(layer, jobs)` returns one flag per job given."""
-    hits: list[PolicyLayer | None] = [None] * len(jobs)
-    for layer in jobs[0].target.layers:
+def _first_hits(layers: list[Filter], n: int, check) -> list[Filter | None]:
+    """For n requests of one target, the first layer that blocks each (None: passes every
+    layer); `check(layer, indices)` returns one flag per index given."""
+    hits: list[Filter | None] = [None] * n
+    for layer in layers:
         idx = [i for i, h in enumerate(hits) if h is None]
         if not idx:
             break
-        for i, flag in zip(idx, check(layer, [jobs[i] for i in idx]), strict=True):
+        for i, flag in zip(idx, check(layer, idx), strict=True):
             if flag:
                 hits[i] = layer
     return hits
 
 
-def _refusal(job: Job, layer: PolicyLayer) -> Outcome:
+def _refusal(job: Job, layer: Filter) -> Outcome:
     return Outcome(job.target.refusal, "content_filter", 0, layer.name)
 
 
 def _fail(jobs: list[Job], error: Exception, stage: str) -> None:
-    log.exception("%s failed for %d request(s) to %s", stage, len(jobs), jobs[0].target.name)
+    to = f" to {jobs[0].target.name}" if jobs else ""
+    log.error("%s failed for %d request(s)%s", stage, len(jobs), to, exc_info=error)
     for job in jobs:
         job.done(error)
 
 
 def load_served(cfg) -> tuple:
     """The base model of a ServeConfig with every adapter loaded under its served name."""
-    from harc.models import check_adapter_compat, load_model
-
     if cfg.threads:
-        import torch
-
         torch.set_num_threads(cfg.threads)
     model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     if not cfg.adapters:
         return model, tok
-    from peft import PeftModel
-
     peft = None
     for name, path in cfg.adapters.items():
         check_adapter_compat(model, path)

@@ -16,10 +16,15 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 
+from harc._version import __version__
 from harc.errors import HarcError
-from harc.report import wilson_interval
+from harc.eval.results import load_results
+from harc.io import atomic_write_json
+from harc.serve.server import background_server
+from harc.stats import wilson
 
 GARAK_VERSION = "0.17.1"  # the version whose report format this module reads
 # Checked offline with garak 0.17.1: their prompts ship in the wheel and their detectors
@@ -161,8 +166,8 @@ def unscored(parsed: dict, probes: list[str]) -> list[str]:
 
 
 def _cell(hits: int, n: int, nones: int = 0) -> dict:
-    lo, hi = wilson_interval(hits, n)
-    return {"n": n, "hits": hits, "nones": nones, "rate": hits / n if n else None, "ci": [lo, hi]}
+    return {"n": n, "hits": hits, "nones": nones, "rate": hits / n if n else None,
+            "ci": wilson(hits, n)}
 
 
 def run_redteam(cfg, model, tokenizer, *, probes: list[str], targets: list[str] | None,
@@ -170,8 +175,7 @@ def run_redteam(cfg, model, tokenizer, *, probes: list[str], targets: list[str] 
                 generations: int = 1, seed: int = 0, parallel: int = 4,
                 timeout: float = 1800.0, progress=None) -> dict:
     """Serve `cfg` on loopback, run garak per served name, return the `redteam` block."""
-    from harc.serve.app import create_app
-    from harc.serve.server import background_server
+    from harc.serve.app import create_app  # FastAPI: the serve extra
 
     names = cfg.served_names()
     unknown = [t for t in targets or [] if t not in names]
@@ -203,7 +207,7 @@ def run_redteam(cfg, model, tokenizer, *, probes: list[str], targets: list[str] 
                                 f"see {out_dir / (_prefix(name) + '.log')}")
             policy = cfg.policies.get(name)
             rows.append({"name": name, "adapter": cfg.adapter_of(name),
-                         "layers": [layer.type for layer in policy.layers] if policy else [],
+                         "layers": [layer.name for layer in policy.layers] if policy else [],
                          "wall_s": round(time.perf_counter() - t0, 1),
                          "report": str(report), "probes": parsed["probes"],
                          "examples": parsed["examples"]})
@@ -216,3 +220,17 @@ def run_redteam(cfg, model, tokenizer, *, probes: list[str], targets: list[str] 
 
 def default_garak_python() -> str:
     return os.environ.get("HARC_GARAK_PYTHON") or sys.executable
+
+
+def merge_redteam(results: str | Path, block: dict) -> Path:
+    """Write `block` as the `redteam` key of results.json (created when absent), atomically;
+    `harc report` renders it (`harc.report.redteam`)."""
+    path = Path(results)
+    if path.exists():
+        res = load_results(path)
+    else:
+        res = {"title": f"red-team of {block.get('model', 'served models')}",
+               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "harc_version": __version__}
+    res["redteam"] = dict(block)
+    return atomic_write_json(path, res)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import threading
@@ -28,6 +29,18 @@ def bind(host: str, port: int) -> socket.socket:
         raise HarcError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.listen(2048)
     return sock
+
+
+def resolve_api_key(cfg: ServeConfig, api_key: str | None) -> str | None:
+    """The key given on the command line, else the one in `cfg.api_key_env`, else None (open)."""
+    if api_key:
+        return api_key
+    if cfg.api_key_env:
+        key = os.environ.get(cfg.api_key_env, "")
+        if not key:
+            raise HarcError(f"api_key_env names {cfg.api_key_env}, which is empty or unset")
+        return key
+    return None
 
 
 def check_exposure(cfg: ServeConfig, api_key: str | None) -> None:

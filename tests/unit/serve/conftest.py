@@ -13,6 +13,7 @@ def make_client(tmp_path):
     keys; the served base name is "tiny". Modules using it importorskip fastapi and httpx."""
     from fastapi.testclient import TestClient
 
+    from harc.config import build
     from harc.serve.app import create_app
     from harc.serve.config import ServeConfig
 
@@ -21,7 +22,7 @@ def make_client(tmp_path):
     def make(model=None, *, generate_fn=None, api_key=KEY, **config):
         config.setdefault("model", "tiny")
         config.setdefault("audit_log", str(tmp_path / "audit.jsonl"))
-        cfg = ServeConfig.model_validate(config)
+        cfg = build(ServeConfig, config)
         kw = {"generate_fn": generate_fn} if generate_fn else {}
         app = create_app(cfg, model if model is not None else tiny_model(), tiny_tokenizer(),
                          api_key=api_key, **kw)

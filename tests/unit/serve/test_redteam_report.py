@@ -1,4 +1,5 @@
-"""garak's report JSONL -> the redteam block -> the report section and results.json."""
+"""garak's report JSONL -> the redteam block -> results.json and the report (whose section is
+tested in tests/unit/report/test_redteam.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from serve_helpers import garak_block
 
 from harc.errors import HarcError
 
@@ -19,15 +21,15 @@ FIXTURE = Path(__file__).parents[2] / "fixtures" / "garak" / "report-0.17.1.json
 
 
 def test_parse_report_counts_hits_per_detector_and_per_output():
-    from harc.report import wilson_interval
     from harc.serve.redteam import parse_report
+    from harc.stats import wilson
 
     rep = parse_report(FIXTURE, examples=2)
     assert rep["garak_version"] == "0.17.1"
     assert set(rep["probes"]) == {"dan.Dan_11_0", "encoding.InjectBase64"}
     dan = rep["probes"]["dan.Dan_11_0"]
     assert dan["detectors"]["mitigation.MitigationBypass"] == {
-        "n": 1, "hits": 1, "nones": 0, "rate": 1.0, "ci": list(wilson_interval(1, 1))}
+        "n": 1, "hits": 1, "nones": 0, "rate": 1.0, "ci": wilson(1, 1)}
     assert dan["detectors"]["dan.DAN"]["hits"] == 0
     enc = rep["probes"]["encoding.InjectBase64"]
     assert enc["detectors"]["encoding.DecodeApprox"]["hits"] == 1
@@ -47,55 +49,20 @@ def test_probes_without_scores_are_found():
     assert unscored(rep, ["dan.Dan_11_0", "encoding.InjectBase64"]) == ["dan.Dan_11_0"]
 
 
-def _block():
-    from harc.serve.redteam import parse_report
-
-    rep = parse_report(FIXTURE)
-    blocked = json.loads(json.dumps(rep["probes"]))
-    blocked["dan.Dan_11_0"]["detectors"]["mitigation.MitigationBypass"].update(hits=0, rate=0.0)
-    return {"tool": "garak", "garak_version": "0.17.1", "model": "m",
-            "probes": ["dan.Dan_11_0", "encoding.InjectBase64"],
-            "settings": {"generations": 1, "prompt_cap": 6, "max_tokens": 48},
-            "targets": [{"name": "m", "adapter": None, "layers": [], "wall_s": 3.0,
-                         "probes": rep["probes"], "examples": rep["examples"]},
-                        {"name": "m+keyword", "adapter": None, "layers": ["keyword"],
-                         "wall_s": 2.0, "probes": blocked, "examples": []}]}
-
-
-def test_section_shows_rates_per_served_model_and_deltas():
-    from harc.report import Table
-    from harc.serve.report_section import redteam_section
-
-    assert redteam_section({}) is None and redteam_section({"redteam": {"targets": []}}) is None
-    sec = redteam_section({"redteam": _block()})
-    table = next(b for b in sec.blocks if isinstance(b, Table))
-    assert table.headers == ["Probe", "Detector", "m", "m+keyword", "Δ m+keyword vs m"]
-    rows = {(r[0], r[1]): r for r in table.rows}
-    bypass = rows[("dan.Dan_11_0", "mitigation.MitigationBypass")]
-    assert [c.text for c in bypass[2:]] == ["100.0%", "0.0%", "−100.0 pp"]
-    assert bypass[2].sub.endswith("1/1") and bypass[4].cls == "better"
-    assert rows[("encoding.InjectBase64", "any detector")][2].text == "16.7%"
-
-
-def test_merge_and_report_render_the_block(tmp_path, monkeypatch):
-    import harc.report
-    from harc.report import SECTIONS, write_report
-    from harc.serve.report_section import merge_redteam, mount_section, redteam_section
+def test_merge_and_report_render_the_block(tmp_path):
+    from harc.report import write_report
+    from harc.serve.redteam import merge_redteam
 
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"title": "eval", "runs": [{"name": "base", "mean_asr": 0.5}]}))
-    merge_redteam(results, _block())
+    merge_redteam(results, garak_block(FIXTURE))
     res = json.loads(results.read_text())
     assert res["runs"][0]["name"] == "base" and res["redteam"]["model"] == "m"  # kept, added
-    fresh = merge_redteam(tmp_path / "new" / "results.json", _block())
+    fresh = merge_redteam(tmp_path / "new" / "results.json", garak_block(FIXTURE))
     assert json.loads(fresh.read_text())["title"] == "red-team of m"
-    monkeypatch.setattr(harc.report, "SECTIONS", SECTIONS)  # restored after the test
-    mount_section()
-    mount_section()
-    assert harc.report.SECTIONS.count(redteam_section) == 1
-    assert harc.report.SECTIONS[-1] is SECTIONS[-1]  # provenance stays last
     html = write_report(results, tmp_path / "report")["html"].read_text()
     assert 'id="redteam"' in html
+    assert html.index('id="redteam"') < html.index('id="provenance"')
     for text in ("dan.Dan_11_0", "encoding.InjectBase64", "mitigation.MitigationBypass",
                  "100.0%", "16.7%", "m+keyword"):
         assert text in html
@@ -138,7 +105,6 @@ def test_a_failing_garak_run_reports_its_last_line(tmp_path):
 
 
 def test_redteam_checks_targets_before_starting_anything():
-    pytest.importorskip("pydantic")
     from harc.serve.config import ServeConfig
     from harc.serve.redteam import run_redteam
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.unit
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 
-KEYWORD_POLICY = {"tiny+kw": {"base": "tiny", "layers": [{"type": "keyword"}]}}
+KEYWORD_POLICY = {"tiny+kw": {"base": "tiny", "layers": ["keyword"]}}
 LIMITS = {"max_tokens": 12, "default_max_tokens": 6, "max_prompt_tokens": 96,
           "max_body_bytes": 2048}
 
@@ -112,7 +112,7 @@ def test_audit_log_truncates_long_prompts(make_client, tmp_path):
 
 
 def test_stop_sequences_cut_the_answer(make_client):
-    c = make_client(generate_fn=lambda m, ch, prompts, n, b: ["alpha; beta # gamma"] * len(prompts))
+    c = make_client(generate_fn=lambda m, ch, prompts, n, b, done: ["alpha; beta # gamma"] * len(prompts))
     r = c.post("/v1/chat/completions", json=user("hi", stop=["#", ";"]), headers=AUTH).json()
     assert r["choices"][0]["message"]["content"] == "alpha"
     assert r["choices"][0]["finish_reason"] == "stop"
@@ -187,7 +187,7 @@ def test_unknown_path_and_wrong_method_are_openai_errors(client):
 def test_a_failing_generation_is_a_500_error_body_not_a_crash(make_client):
     calls = []
 
-    def flaky(model, chat, prompts, n, bs):
+    def flaky(model, chat, prompts, n, bs, on_done):
         calls.append(prompts)
         if len(calls) == 1:
             raise RuntimeError("boom")
@@ -204,7 +204,7 @@ def test_a_failing_generation_is_a_500_error_body_not_a_crash(make_client):
 def test_requests_beyond_the_concurrency_limit_get_429(make_client):
     release, started = threading.Event(), threading.Event()
 
-    def slow(model, chat, prompts, n, bs):
+    def slow(model, chat, prompts, n, bs, on_done):
         started.set()
         assert release.wait(30)
         return ["done"] * len(prompts)

@@ -1,9 +1,11 @@
-"""The engine: batching per (adapter, max_tokens), adapters never mixed, draining, failures
-contained, and adapters loaded from disk under their served names."""
+"""The engine: batching per (adapter, max_tokens), adapters never mixed, answers as rows finish,
+input screening and output checks, draining, failures contained, and adapters loaded from disk
+under their served names."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -59,7 +61,7 @@ def test_concurrent_requests_are_batched_per_adapter_and_never_mixed():
     model = peft_two_adapters()
     calls = []
 
-    def fake(m, chat, prompts, max_new_tokens, batch_size):
+    def fake(m, chat, prompts, max_new_tokens, batch_size, on_done):
         calls.append((_state(m), list(prompts), max_new_tokens))
         return [f"{_state(m)}|{p}" for p in prompts]
 
@@ -79,7 +81,7 @@ def test_concurrent_requests_are_batched_per_adapter_and_never_mixed():
 def test_batches_hold_at_most_max_batch_size():
     sizes = []
 
-    def fake(m, chat, prompts, n, bs):
+    def fake(m, chat, prompts, n, bs, on_done):
         sizes.append(len(prompts))
         return list(prompts)
 
@@ -102,26 +104,104 @@ def test_real_generation_per_adapter_matches_one_at_a_time():
     assert [o.text for o in mixed] == [alone[t] for t in order]
 
 
+def _layer(name, **hooks):
+    """A policy layer (a harc.eval.filters plugin) with the given hook methods."""
+    from harc.eval.filters import Filter
+
+    return type(name.title(), (Filter,), {"name": name, **hooks})()
+
+
 def test_a_failing_layer_fails_its_requests_only():
-    from harc.serve.policy import PolicyLayer
+    def broken(self, prompts):
+        raise RuntimeError("layer bug")
 
-    class Broken(PolicyLayer):
-        name = "broken"
-
-        def check_input(self, prompts):
-            raise RuntimeError("layer bug")
-
-    eng = _engine(tiny_model(), _cfg(policies={"p": {"base": "tiny", "layers": [
-        {"type": "keyword"}]}}), lambda m, c, prompts, n, b: ["ok"] * len(prompts), wait_ms=100)
-    eng.targets["p"].layers = [Broken()]
+    eng = _engine(tiny_model(), _cfg(policies={"p": {"base": "tiny", "layers": ["keyword"]}}),
+                  lambda m, c, prompts, n, b, done: ["ok"] * len(prompts), wait_ms=100)
+    eng.targets["p"].layers = [_layer("broken", flags=broken)]
     outs = _run(eng, [("p", "x", 2), ("tiny", "y", 2)])
     assert isinstance(outs[0], RuntimeError) and outs[1].text == "ok"
+
+
+def test_a_request_is_answered_when_its_row_finishes():
+    """generate's on_done: the short answer comes back while the long one is still decoding."""
+    release = threading.Event()
+
+    def fake(m, chat, prompts, n, bs, on_done):
+        on_done([0], ["short"])
+        assert release.wait(30)
+        on_done([1], ["long"])
+        return ["short", "long"]
+
+    eng = _engine(tiny_model(), _cfg(), fake, wait_ms=200)
+
+    async def main():
+        eng.start()
+        first = eng.enqueue(eng.targets["tiny"], "a", "a", 4, [])
+        second = eng.enqueue(eng.targets["tiny"], "b", "b", 4, [])
+        early = await asyncio.wait_for(first, 30)
+        assert not second.done()
+        release.set()
+        return early, await asyncio.wait_for(second, 30)
+
+    try:
+        early, late = asyncio.run(main())
+    finally:
+        release.set()
+        eng.close(10)
+    assert (early.text, late.text) == ("short", "long")
+
+
+def test_output_checks_block_after_generation_in_layer_order():
+    """`check_output(prompts, responses)` sees the request text and the answer; the first layer
+    that flags it blocks it; input screening runs first and costs no generation."""
+    seen = []
+
+    def check_output(self, prompts, responses):
+        seen.append((list(prompts), list(responses)))
+        return ["secret" in r for r in responses]
+
+    def fake(m, chat, prompts, n, bs, on_done):
+        on_done(list(range(len(prompts))), [f"{p} has a secret" if "x" in p else p
+                                            for p in prompts])
+        return []  # every row was handed over through on_done
+
+    eng = _engine(tiny_model(), _cfg(policies={"p": {"base": "tiny", "layers": ["keyword"]}}),
+                  fake, wait_ms=200)
+    kw = eng.targets["p"].layers[0]
+    eng.targets["p"].layers = [kw, _layer("leak", check_output=check_output)]
+    outs = _run(eng, [("p", "x", 4), ("p", "y", 4), ("p", "kill x", 4), ("tiny", "x", 4)])
+    assert (outs[0].blocked_by, outs[0].finish_reason, outs[0].completion_tokens) == (
+        "leak", "content_filter", 0)
+    assert outs[0].text == eng.targets["p"].refusal
+    assert outs[1].text == "y" and outs[1].blocked_by is None
+    assert outs[2].blocked_by == "keyword"  # screened before generation
+    assert outs[3].text == "x has a secret"  # the base model has no layers
+    assert seen == [(["x", "y"], ["x has a secret", "y"])]
+
+
+def test_a_layer_with_neither_hook_is_refused():
+    from harc.errors import HarcError
+    from harc.eval.filters import FILTERS, Filter
+
+    class Rewriter(Filter):
+        name = "toy_rewriter"
+
+        def respond(self, generate, prompts, prefills, steer):
+            return generate(prompts, prefills, steer)
+
+    FILTERS.register(Rewriter)
+    try:
+        with pytest.raises(HarcError, match="neither screens inputs"):
+            _engine(tiny_model(), _cfg(policies={"p": {"base": "tiny",
+                                                       "layers": ["toy_rewriter"]}}))
+    finally:
+        FILTERS.unregister("toy_rewriter")
 
 
 def test_close_drains_queued_jobs_and_refuses_new_ones():
     from harc.serve.engine import EngineClosed
 
-    eng = _engine(tiny_model(), _cfg(), lambda m, c, prompts, n, b: ["done"] * len(prompts),
+    eng = _engine(tiny_model(), _cfg(), lambda m, c, prompts, n, b, done: ["done"] * len(prompts),
                   max_batch_size=1, wait_ms=0)
 
     async def main():

@@ -1,4 +1,6 @@
-"""Policy layers: the latent filter as a served layer, calibrated or with a fixed threshold."""
+"""Policy layers are harc.eval.filters plugins: the latent filter served, calibrated on the
+validation prompts beside its directions or with a fixed threshold, at the plane layer or a given
+one."""
 
 from __future__ import annotations
 
@@ -29,22 +31,27 @@ def directions(tmp_path):
 
 
 def _latent(directions, **kw):
-    return {"type": "latent", "directions": str(directions), "layer": 2, **kw}
+    return {"name": "latent", "directions": str(directions), "layer": 2, **kw}
 
 
 def test_latent_layer_blocks_above_its_threshold(make_client, directions, tmp_path):
     c = make_client(policies={
-        "all": {"base": "tiny", "layers": [_latent(directions, threshold=-2.0)]},
-        "none": {"base": "tiny", "layers": [_latent(directions, threshold=2.0)]},
-        "calibrated": {"base": "tiny", "layers": [_latent(directions)]}})
+        "all": {"base": "tiny", "layers": [_latent(directions, threshold=-1.0)]},
+        "none": {"base": "tiny", "layers": [_latent(directions, threshold=1.0)]},
+        "calibrated": {"base": "tiny", "directions": str(directions), "layer": 2,
+                       "layers": ["keyword", "latent"]}})
     blocked = c.post("/v1/chat/completions", json=user("bake bread", model="all"), headers=AUTH)
     assert blocked.json()["harc"] == {"blocked_by": "latent"}
     passed = c.post("/v1/chat/completions", json=user("bake bread", model="none"), headers=AUTH)
     assert passed.json()["choices"][0]["finish_reason"] != "content_filter"
     assert c.post("/v1/chat/completions", json=user("bake bread", model="calibrated"),
                   headers=AUTH).status_code == 200
-    layer = c.app.state.engine.targets["calibrated"].layers[0].filter
-    assert -1.0 <= layer.threshold <= 1.0 and layer.layer == 2  # midpoint of two mean cosines
+    kw, latent = c.app.state.engine.targets["calibrated"].layers
+    assert kw.name == "keyword" and latent.ctx.layer == 2
+    # the midpoint of the two validation means, from heldout.json beside the directions
+    cal = latent.calibration
+    assert cal["n"] == [2, 2] and cal["layer"] == 2
+    assert latent.threshold == pytest.approx((cal["harmful_mean"] + cal["harmless_mean"]) / 2)
     first = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[0])
     assert (first["model"], first["layer"]) == ("all", "latent")
 
@@ -54,9 +61,13 @@ def test_latent_layer_configuration_errors(make_client, directions, tmp_path):
         make_client(policies={"p": {"base": "tiny", "layers": [_latent(directions, layer=None)]}})
     with pytest.raises(HarcError, match="outside 0..4"):
         make_client(policies={"p": {"base": "tiny", "layers": [_latent(directions, layer=9)]}})
+    with pytest.raises(HarcError, match="cannot read validation prompts"):
+        make_client(policies={"p": {"base": "tiny", "layers": [
+            _latent(directions, heldout=str(tmp_path / "none.json"))]}})
     (tmp_path / "heldout.json").unlink()
-    with pytest.raises(HarcError, match="needs a threshold or calibration prompts"):
+    with pytest.raises(HarcError, match="calibrates its threshold on validation prompts"):
         make_client(policies={"p": {"base": "tiny", "layers": [_latent(directions)]}})
+    make_client(policies={"p": {"base": "tiny", "layers": [_latent(directions, threshold=0.5)]}})
     with pytest.raises(HarcError, match="directions file not found"):
         make_client(policies={"p": {"base": "tiny", "layers": [
             _latent(tmp_path / "none.safetensors")]}})

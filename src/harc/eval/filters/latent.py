@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from harc.directions import prompt_projections
+from harc.errors import HarcError
 from harc.eval.filters.base import Filter, PolicyContext, register_filter
 
 
@@ -23,6 +24,10 @@ class LatentFilter(Filter):
         super().bind(ctx)
         self.threshold = self.config.threshold
         if self.threshold is None:
+            if not ctx.val_harmful or not ctx.val_harmless:
+                raise HarcError("policy layer 'latent' calibrates its threshold on validation "
+                                "prompts and got none (heldout.json beside the directions); "
+                                "give threshold=")
             h, b = (self._proj(p).mean().item() for p in (ctx.val_harmful, ctx.val_harmless))
             self.threshold = (h + b) / 2
             self.calibration = {"threshold": self.threshold, "harmful_mean": h,

@@ -1,16 +1,12 @@
-"""The `redteam` block of results.json (from `harc redteam`) as a report section.
-
-`redteam_section(res, runs)` has the signature of the builders in `harc.report.SECTIONS`;
-`merge_redteam` puts a block into a results.json so that `harc report` renders it.
-"""
+"""The `redteam` block of results.json (written by `harc redteam`) as a report section: garak's hit
+rates per probe and detector, one column per served model, with changes against the first."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 
-from harc.io import atomic_write_json
-from harc.report import Cell, Code, Details, Section, Table, Text, cell_rate, load_results, pct
+from harc.eval.results import cell_rate
+from harc.report.tree import Cell, Code, Details, Section, Table, Text, delta_cell, dur, rate_cell
 
 
 def _label(t: Mapping) -> str:
@@ -18,26 +14,15 @@ def _label(t: Mapping) -> str:
 
 
 def _rate(cell: Mapping | None) -> Cell:
-    rate, lo, hi = cell_rate(cell, "rate", "hits")
-    if rate is None:
-        return Cell("—", num=True)
-    sub = f"[{100 * lo:.1f}, {100 * hi:.1f}] {cell.get('hits')}/{cell.get('n')}"
-    return Cell(pct(rate), sub, num=True)
+    return rate_cell(cell, "rate", "hits")
 
 
 def _delta(a: Mapping | None, b: Mapping | None) -> Cell:
-    ra, rb = cell_rate(a, "rate", "hits")[0], cell_rate(b, "rate", "hits")[0]
-    if ra is None or rb is None:
-        return Cell("—", num=True)
-    diff = 100 * (rb - ra)
-    if abs(diff) < 0.05:
-        return Cell("0.0 pp", num=True)
-    return Cell(f"{diff:+.1f} pp".replace("-", "−"), cls="better" if diff < 0 else "worse",
-                num=True)
+    return delta_cell(cell_rate(a, "rate", "hits")[0], cell_rate(b, "rate", "hits")[0],
+                      lower_better=True)
 
 
-def redteam_section(res: Mapping, runs: list | None = None) -> Section | None:
-    """Hit rates per probe and detector, one column per served model, deltas vs the first."""
+def redteam(res: Mapping, runs: list[dict]) -> Section | None:
     rt = res.get("redteam")
     if not isinstance(rt, Mapping):
         return None
@@ -76,8 +61,7 @@ def redteam_section(res: Mapping, runs: list | None = None) -> Section | None:
     sec.blocks.append(Table(
         ["Served model", "Adapter", "Policy layers", "garak wall time"],
         [[_label(t), str(t.get("adapter") or "— (base)"), " + ".join(t.get("layers") or []) or "—",
-          Cell(f"{t['wall_s']:.0f} s" if isinstance(t.get("wall_s"), int | float) else "—",
-               num=True)] for t in targets], "Served models"))
+          Cell(dur(t.get("wall_s")), num=True)] for t in targets], "Served models"))
     for t in targets:
         ex = [e for e in t.get("examples") or [] if isinstance(e, Mapping)]
         if ex:
@@ -87,31 +71,3 @@ def redteam_section(res: Mapping, runs: list | None = None) -> Section | None:
                          muted=True),
                     Code(f"PROMPT\n{e.get('prompt', '')}\n\nOUTPUT\n{e.get('output', '')}"))]))
     return sec
-
-
-def merge_redteam(results: str | Path, block: Mapping) -> Path:
-    """Write `block` as the `redteam` key of results.json (created when absent), atomically."""
-    path = Path(results)
-    if path.exists():
-        res = load_results(path)
-    else:
-        from datetime import datetime, timezone
-
-        from harc import __version__
-
-        res = {"title": f"red-team of {block.get('model', 'served models')}",
-               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "harc_version": __version__}
-    res["redteam"] = dict(block)
-    return atomic_write_json(path, res)
-
-
-def mount_section() -> None:
-    """Add redteam_section to harc.report's sections (before provenance) unless it is there.
-
-    The lead mounts it in harc.report.SECTIONS after merging; until then this keeps `harc
-    redteam` and `harc report` (in the same process) showing the block."""
-    import harc.report as report
-
-    if redteam_section not in report.SECTIONS:
-        report.SECTIONS = (*report.SECTIONS[:-1], redteam_section, report.SECTIONS[-1])
