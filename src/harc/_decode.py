@@ -20,6 +20,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 
 import torch
@@ -28,7 +29,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from harc import _decode_attn
+from harc import _decode_attn, _decode_norm
 from harc.models import decoder_layers, unwrap
 
 ATTN = "harc_slots"
@@ -233,9 +234,10 @@ class Engine:
         self.min_rows = min_rows or (16 if graphs else 1)
         self.eos = torch.tensor(eos_ids or [-1], device=self.dev)
         self.triton_attn = _decode_attn.enabled(self.dev)
+        self.triton_norm = _decode_norm.enabled(self.dev)
         self.stats = {"steps": 0, "fills": 0, "compactions": 0, "prefill_tokens": 0,
                       "prefix_tokens": 0, "forwards": 0, "graphs": 0, "eager_fallback": None,
-                      "decode_attn": None}
+                      "decode_attn": None, "fused_norms": 0}
         self._decoding = False
         self._h: Tensor | None = None
 
@@ -344,9 +346,12 @@ class Engine:
         pending = deque(sorted(range(n), key=lambda i: lens[i]))
         stopped: set[int] = set()
         refill_at = max(1, S // 8)
-        hook = self._monitor_hook() if self.monitor is not None else None
-        b, snap, row_of = S, None, self.row_of
-        try:
+        with ExitStack() as undo:
+            if self.monitor is not None:
+                undo.callback(self._monitor_hook().remove)
+            if self.triton_norm:
+                self.stats["fused_norms"] = undo.enter_context(_decode_norm.fused_norms(self.model))
+            b, snap, row_of = S, None, self.row_of
             while True:
                 rows, toks = [], []
                 if snap is not None:  # harvest
@@ -378,9 +383,6 @@ class Engine:
                     break
                 snap = torch.cat([self.st["done"][:b, None].long(), self.st["ngen"][:b, None],
                                   self.st["out"][:b]], 1).cpu()
-        finally:
-            if hook is not None:
-                hook.remove()
 
     def _fill(self, take: list[int], free: list[int], seqs: list[list[int]]) -> None:
         """Prefill the prompts `take` into free slots (after their shared prefixes), in chunks of

@@ -395,3 +395,13 @@ def test_triton_decode_attention_matches_reference(monkeypatch):
     for out, plain in pairs:
         torch.testing.assert_close(out, plain)
 
+
+def test_triton_rmsnorm_matches_reference_and_is_removed_afterwards(monkeypatch):
+    pytest.importorskip("triton")
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel under Triton's interpreter on CPU")
+    monkeypatch.setenv("HARC_DECODE_NORM", "triton")
+    tok, model = tiny_tokenizer("llama3.1"), sharp(tiny_model("llama", n_layers=2))
+    ref, new, stats = run_both(model, tok, PROMPTS[:3], max_new=6)
+    assert new == ref and stats["fused_norms"] == 2 * 2 + 1
+    assert not any("forward" in m.__dict__ for m in model.modules())
