@@ -66,13 +66,15 @@ def _fail(e: Exception) -> None:
     warnings.warn(f"the Triton decode attention failed ({msg}); using SDPA", stacklevel=3)
 
 
-def fits(query: Tensor, key: Tensor, value: Tensor) -> bool:
+def fits(query: Tensor, key: Tensor, value: Tensor, lens: Tensor) -> bool:
     """Shapes and dtypes the kernel handles: query [B, Hq, 1, D] with Hq a multiple of the
     [B, Hkv, W, D] keys' heads (at most 64 query heads per KV head), D a power of two in 16..256,
-    one float dtype, unit stride along D."""
+    one float dtype, unit stride along D; lens [B] integers on the same device."""
     b, hq, t, d = query.shape
     hkv = key.shape[1]
     return (t == 1 and key.shape == value.shape and key.shape[0] == b and key.shape[3] == d
+            and lens.shape == (b,) and lens.stride(0) == 1 and lens.device == query.device
+            and lens.dtype in (torch.int32, torch.int64)
             and key.shape[2] > 0 and hq % hkv == 0 and hq // hkv <= 64
             and d in (16, 32, 64, 128, 256)
             and query.dtype == key.dtype == value.dtype
@@ -98,7 +100,7 @@ def attend(query: Tensor, key: Tensor, value: Tensor, lens: Tensor, scale: float
     """softmax(q k^T * scale) v over each row's first `lens[r]` columns (clamped to the width), as
     [B, 1, Hq, D]; query head h reads KV head h // (Hq / Hkv), as in transformers' `repeat_kv`.
     None when the kernel does not fit the inputs or has failed (then it warned once)."""
-    if _broken or not fits(query, key, value):
+    if _broken or not fits(query, key, value, lens):
         return None
     b, hq, _, d = query.shape
     hkv, width = key.shape[1], key.shape[2]

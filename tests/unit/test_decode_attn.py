@@ -131,9 +131,11 @@ def test_default_splits_fill_the_machine_with_enough_columns_each(monkeypatch):
 
 
 @pytest.mark.parametrize("change", ["two tokens", "head dim 8", "head dim 80", "dtypes differ",
-                                    "groups of 65", "strided head dim"])
+                                    "groups of 65", "strided head dim", "float lengths",
+                                    "lengths of 3 rows"])
 def test_inputs_it_does_not_handle_get_none(change):
     q, k, v, _ = inputs(2, 4, 2, 16, 64, torch.float32)
+    lens = lengths(3, 5)
     if change == "two tokens":
         q = torch.cat([q, q], 2)
     elif change.startswith("head dim"):
@@ -143,9 +145,13 @@ def test_inputs_it_does_not_handle_get_none(change):
         q = q.to(torch.bfloat16)
     elif change == "groups of 65":
         q, k, v, _ = inputs(2, 65, 1, 16, 64, torch.float32)
-    else:
+    elif change == "strided head dim":
         k = torch.randn(2, 2, 64, 32, device=DEV)[..., ::2]
-    assert da.attend(q, k, v, lengths(3, 5), None) is None
+    elif change == "float lengths":
+        lens = lens.float()
+    else:
+        lens = lengths(3, 5, 7)
+    assert da.attend(q, k, v, lens, None) is None
 
 
 def test_a_failing_kernel_warns_once_and_is_not_tried_again(monkeypatch):
