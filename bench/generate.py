@@ -3,6 +3,8 @@ process, with the memory-bandwidth roofline. Writes JSON to --out after every ca
 
     python bench/generate.py --out $OUT/generate.json               # GPU, every case (~3 min, H200)
     python bench/generate.py --quick --out /tmp/generate-quick.json  # CPU smoke test, under a minute
+    python bench/generate.py --cases dims --decode-kernels sdpa/torch,triton/triton \
+        --old-max-new-tokens 16 --out $OUT/generate-kernels.json  # decode kernels (~100 s, H200)
     python bench/generate.py --device cpu --cases real --model smollm2-135m-instruct \\
         --n-requests 8 --max-new-tokens 32 --batch-size 16 --out /tmp/generate-cpu.json
 
@@ -13,7 +15,11 @@ Cases (--cases, in this order; each one that fails is recorded and the next one 
 - dims: Qwen2.5-7B and Llama-3.1-8B dimensions (--archs) with random bf16 weights built on the
   device, --batches rows of random token prompts of --prompt-lens tokens, --max-new-tokens with
   no early stop. Each engine runs twice, with 1 and with N new tokens: ms per decode step is
-  (t_N - t_1) / (N - 1), so prefill is left out.
+  (t_N - t_1) / (N - 1), so prefill is left out. harc's decoder runs once per --decode-kernels
+  variant ATTN/NORM (HARC_DECODE_ATTN=sdpa|triton, HARC_DECODE_NORM=torch|triton; `default`
+  leaves both unset: triton on CUDA), recorded as new[ATTN/NORM] (`new` for default). Its t_1 is
+  taken once per NORM: prefill never runs the decode attention. --old-max-new-tokens shortens the
+  old engine's run (its ms per step from fewer steps; differing rows over those tokens).
 - real: --model (loaded with harc.models.load_model) on a realistic mix: harc attacks (--attacks,
   long templates such as dan included) applied to --n-requests HarmBench requests, plus as many
   plain benign prompts; EOS stops rows. Wall time of the whole set at --batch-size, and rows whose
@@ -31,11 +37,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import random
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -107,6 +115,24 @@ def timed(dev, fn) -> float:
     return time.perf_counter() - t0
 
 
+@contextmanager
+def kernels(variant: str):
+    """HARC_DECODE_ATTN and HARC_DECODE_NORM set for a --decode-kernels variant ATTN/NORM."""
+    names = ("HARC_DECODE_ATTN", "HARC_DECODE_NORM")
+    old = {k: os.environ.get(k) for k in names}
+    if variant != "default":
+        for k, v in zip(names, variant.split("/")):
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_engine(engine: str, model, seqs, *, eos, pad, max_new, batch):
     """(tokens per row, seconds, stats) of one engine on token sequences."""
     out = [None] * len(seqs)
@@ -126,11 +152,18 @@ def run_engine(engine: str, model, seqs, *, eos, pad, max_new, batch):
     return out, secs, stats
 
 
-def warm(model, vocab: int, pad) -> None:
-    """First calls pay lazy initialisation (cuBLAS handles, kernels); keep it out of timings."""
-    seqs = [[random.randrange(10, vocab - 1) for _ in range(n)] for n in (40, 70)]
-    for engine in ("old", "new"):
-        run_engine(engine, model, seqs, eos=[], pad=pad, max_new=4, batch=2)
+def warm(model, vocab: int, pad, variants=("default",)) -> None:
+    """First calls pay lazy initialisation (cuBLAS handles, Triton compiles); keep it out of
+    timings. A 300-token row makes the decode attention split its rows, as at batch 64."""
+    seqs = [[random.randrange(10, vocab - 1) for _ in range(n)] for n in (40, 300)]
+    run_engine("old", model, seqs, eos=[], pad=pad, max_new=4, batch=2)
+    for v in variants:
+        with kernels(v):
+            run_engine("new", model, seqs, eos=[], pad=pad, max_new=4, batch=2)
+
+
+def new_key(variant: str) -> str:
+    return "new" if variant == "default" else f"new[{variant}]"
 
 
 def roofline(weights: int, kv_token: int, kv_tokens_per_step: float, ms_per_step: float, bw: float):
@@ -182,6 +215,26 @@ def case_check(args, dev) -> dict:
     return rec
 
 
+def measure(engine: str, n_new: int, *, args, model, seqs, weights, kv_token, t1=None):
+    """(tokens, t_1, record) of one engine on `seqs` without early stops: ms per decode step from
+    the run with n_new tokens less the one with 1 (t_1, measured unless given)."""
+    batch = len(seqs)
+    if t1 is None:
+        _, t1, _ = run_engine(engine, model, seqs, eos=[], pad=0, max_new=1, batch=batch)
+    toks, tn, stats = run_engine(engine, model, seqs, eos=[], pad=0, max_new=n_new, batch=batch)
+    # decode step j (1..n_new-1) reads each row's prompt plus j cached tokens: n_new/2 on average
+    kv_per_step = sum(len(s) for s in seqs) + batch * n_new / 2
+    ms = (tn - t1) / (n_new - 1) * 1e3
+    rec = {"prefill_s": t1, "total_s": tn, "ms_per_step": ms, "tokens_per_s": batch * n_new / tn,
+           "roofline": roofline(weights, kv_token, kv_per_step, ms, args.peak_bw),
+           **({"stats": stats} if stats else {})}
+    if stats.get("capture_s"):
+        steady = (tn - t1 - stats["capture_s"]) / (n_new - 1) * 1e3
+        rec["ms_per_step_without_captures"] = steady
+        rec["roofline_without_captures"] = roofline(weights, kv_token, kv_per_step, steady, args.peak_bw)
+    return toks, t1, rec
+
+
 def case_dims(args, dev, arch: str) -> dict:
     import transformers
 
@@ -194,35 +247,27 @@ def case_dims(args, dev, arch: str) -> dict:
     model.generation_config.eos_token_id = None  # random weights: every row runs N tokens
     weights, kv_token = model_bytes(model)
     lo, hi = (int(x) for x in args.prompt_lens.split("-"))
-    warm(model, cfg.vocab_size, 0)
+    variants = args.decode_kernels.split(",")
+    warm(model, cfg.vocab_size, 0, variants)
     out = {"arch": arch, "dtype": str(dtype), "weight_bytes": weights, "kv_bytes_per_token": kv_token,
            "batches": {}}
-    n = args.max_new_tokens
+    n, n_old = args.max_new_tokens, args.old_max_new_tokens or args.max_new_tokens
     for batch in (int(b) for b in args.batches.split(",")):
         rng = random.Random(batch)
         seqs = [[rng.randrange(10, cfg.vocab_size - 1) for _ in range(rng.randint(lo, hi))]
                 for _ in range(batch)]
-        rec = {"rows": batch, "prompt_tokens": sum(map(len, seqs)), "max_new_tokens": n}
-        # decode step j (1..n-1) reads each row's prompt plus j cached tokens: n/2 on average
-        kv_per_step = sum(len(s) for s in seqs) + batch * n / 2
-        toks = {}
-        for engine in ("old", "new"):
-            _, t1, _ = run_engine(engine, model, seqs, eos=[], pad=0, max_new=1, batch=batch)
-            toks[engine], tn, stats = run_engine(engine, model, seqs, eos=[], pad=0, max_new=n,
-                                                 batch=batch)
-            ms = (tn - t1) / (n - 1) * 1e3
-            rec[engine] = {"prefill_s": t1, "total_s": tn, "ms_per_step": ms,
-                           "tokens_per_s": batch * n / tn,
-                           "roofline": roofline(weights, kv_token, kv_per_step, ms, args.peak_bw),
-                           **({"stats": stats} if stats else {})}
-            if engine == "new" and stats.get("capture_s"):
-                steady = (tn - t1 - stats["capture_s"]) / (n - 1) * 1e3
-                rec[engine]["ms_per_step_without_captures"] = steady
-                rec[engine]["roofline_without_captures"] = roofline(weights, kv_token, kv_per_step,
-                                                                    steady, args.peak_bw)
-        rec["speedup_total"] = rec["old"]["total_s"] / rec["new"]["total_s"]
-        rec["speedup_decode"] = rec["old"]["ms_per_step"] / rec["new"]["ms_per_step"]
-        rec["differing_rows"] = differing(toks["old"], toks["new"])
+        rec = {"rows": batch, "prompt_tokens": sum(map(len, seqs)), "max_new_tokens": n,
+               "old_max_new_tokens": n_old}
+        same = dict(args=args, model=model, seqs=seqs, weights=weights, kv_token=kv_token)
+        old_toks, _, rec["old"] = measure("old", n_old, **same)
+        prefill: dict[str, float] = {}  # t_1 per NORM setting
+        for v in variants:
+            norm = v.split("/")[-1] if v != "default" else v
+            with kernels(v):
+                toks, prefill[norm], r = measure("new", n, t1=prefill.get(norm), **same)
+            r["speedup_decode"] = rec["old"]["ms_per_step"] / r["ms_per_step"]
+            r["differing_rows"] = differing(old_toks, [t[:n_old] for t in toks])
+            rec[new_key(v)] = r
         out["batches"][str(batch)] = rec
     del model
     gc.collect()
@@ -335,12 +380,15 @@ def table(result: dict) -> str:
             lines.append(f"{name:34} ERROR {rec['error'][:80]}")
         elif name.startswith("dims"):
             for b, r in rec["batches"].items():
-                o, n = r["old"], r["new"]
-                lines.append(f"{name + ' b' + b:34}"
-                             f" {o['ms_per_step']:8.2f} ms/step {o['tokens_per_s']:6.0f}/s"
-                             f" {n['ms_per_step']:8.2f} ms/step {n['tokens_per_s']:6.0f}/s"
-                             f" {r['speedup_decode']:7.1f}x {n['roofline']['fraction']:9.2f}"
-                             f" {r['differing_rows']:4d}/{r['rows']}")
+                o = r["old"]
+                for key, n in r.items():
+                    if not key.startswith("new"):
+                        continue
+                    lines.append(f"{name + ' b' + b + ' ' + key[3:].strip('[]'):34}"
+                                 f" {o['ms_per_step']:8.2f} ms/step {o['tokens_per_s']:6.0f}/s"
+                                 f" {n['ms_per_step']:8.2f} ms/step {n['tokens_per_s']:6.0f}/s"
+                                 f" {n['speedup_decode']:7.1f}x {n['roofline']['fraction']:9.2f}"
+                                 f" {n['differing_rows']:4d}/{r['rows']}")
         elif name.startswith("real"):
             o, n = rec["old"], rec["new"]
             frac = n.get("roofline", {}).get("fraction") or 0.0
@@ -366,6 +414,10 @@ def main() -> None:
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--prompt-lens", default="300-600")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--old-max-new-tokens", type=int, default=None,
+                    help="new tokens of the old engine in `dims` (default: --max-new-tokens)")
+    ap.add_argument("--decode-kernels", default="default",
+                    help="`dims`: harc's decoder once per ATTN/NORM, e.g. sdpa/torch,triton/triton")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--attacks", default=DEFAULT_ATTACKS)
     ap.add_argument("--n-requests", type=int, default=40)
@@ -373,6 +425,10 @@ def main() -> None:
     ap.add_argument("--peak-bw", type=float, default=4.8e12, help="bytes/s (H200: 4.8e12)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
+    for v in args.decode_kernels.split(","):
+        if v != "default" and (v.count("/") != 1 or v.split("/")[0] not in ("sdpa", "triton")
+                               or v.split("/")[1] not in ("torch", "triton")):
+            ap.error(f"--decode-kernels: {v!r} is not ATTN/NORM (sdpa|triton / torch|triton) or default")
     if args.quick:
         args.device = args.device or "cpu"
         args.archs, args.batches, args.prompt_lens, args.max_new_tokens = "tiny", "8,16", "30-60", 16

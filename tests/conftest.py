@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,10 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Without a GPU, Triton kernels (harc._decode_attn) run under Triton's interpreter, which must be
+# chosen before Triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 

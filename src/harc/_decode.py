@@ -20,6 +20,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable
+from contextlib import ExitStack
 from functools import partial
 
 import torch
@@ -28,10 +29,12 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from harc import _decode_attn, _decode_norm
 from harc.models import decoder_layers, unwrap
 
 ATTN = "harc_slots"
 _attn_calls = [0]  # attention calls since the last reset: proves every layer went through us
+_decode_path = [None]  # "triton" or "sdpa": what the last one-token attention call ran
 
 
 class Unsupported(Exception):
@@ -46,11 +49,16 @@ def _attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask
     if window is not None and key.shape[2] > window:
         raise Unsupported(f"sliding-window attention over more than {window} tokens")
     _attn_calls[0] += 1
-    if attention_mask.dtype != query.dtype:  # e.g. float32 hidden states in a bf16 model
-        attention_mask = attention_mask.to(query.dtype)
     b, hq, t, d = query.shape
     hkv = key.shape[1]
+    # Engine._mask attaches each row's valid length to decode masks when the Triton kernel is on.
+    lens = getattr(attention_mask, "harc_lens", None) if t == 1 else None
+    attention_mask = attention_mask.to(query.dtype)  # e.g. float32 hidden states in a bf16 model
     if t == 1:
+        out = None if lens is None else _decode_attn.attend(query, key, value, lens, scaling)
+        _decode_path[0] = "sdpa" if out is None else "triton"
+        if out is not None:
+            return out, None
         # Decode: the query heads of one KV group become queries of one head, so a fused kernel reads
         # each K/V column once (repeat_kv would copy the whole cache hq/hkv times every step).
         q = query.reshape(b, hkv, hq // hkv, d)
@@ -225,8 +233,11 @@ class Engine:
         # Buckets below 16 rows would mostly add graph captures: the weights' read dominates there.
         self.min_rows = min_rows or (16 if graphs else 1)
         self.eos = torch.tensor(eos_ids or [-1], device=self.dev)
+        self.triton_attn = _decode_attn.enabled(self.dev)
+        self.triton_norm = _decode_norm.enabled(self.dev)
         self.stats = {"steps": 0, "fills": 0, "compactions": 0, "prefill_tokens": 0,
-                      "prefix_tokens": 0, "forwards": 0, "graphs": 0, "eager_fallback": None}
+                      "prefix_tokens": 0, "forwards": 0, "graphs": 0, "eager_fallback": None,
+                      "decode_attn": None, "fused_norms": 0}
         self._decoding = False
         self._h: Tensor | None = None
 
@@ -250,7 +261,10 @@ class Engine:
         position p sees columns <= p."""
         visible = self.cols_ar[:width] <= qpos[..., None]
         mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.dev)
-        return mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None]
+        mask = mask.masked_fill_(~visible, torch.finfo(self.dtype).min)[:, None]
+        if self.triton_attn and qpos.shape[-1] == 1:
+            mask.harc_lens = qpos[:, 0] + 1  # the columns each row's query sees: [0, pos]
+        return mask
 
     def _prefill_forward(self, cache: SlotCache, slots: Tensor, seqs: list[list[int]],
                          starts: list[int]) -> Tensor:
@@ -294,10 +308,12 @@ class Engine:
         self.stats["steps"] += 1
         if self.graphs is None:
             self._step(b, width)
+            self.stats["decode_attn"] = _decode_path[0]
             return
         try:
             self.graphs.run((b, width), partial(self._step, b, width))
             self.stats["graphs"], self.stats["capture_s"] = len(self.graphs.graphs), self.graphs.seconds
+            self.stats["decode_attn"] = _decode_path[0]  # as captured (replays run no Python)
         except Unsupported:
             raise
         except Exception as e:  # a failed capture costs speed, never results: its step already ran
@@ -330,9 +346,12 @@ class Engine:
         pending = deque(sorted(range(n), key=lambda i: lens[i]))
         stopped: set[int] = set()
         refill_at = max(1, S // 8)
-        hook = self._monitor_hook() if self.monitor is not None else None
-        b, snap, row_of = S, None, self.row_of
-        try:
+        with ExitStack() as undo:
+            if self.monitor is not None:
+                undo.callback(self._monitor_hook().remove)
+            if self.triton_norm:
+                self.stats["fused_norms"] = undo.enter_context(_decode_norm.fused_norms(self.model))
+            b, snap, row_of = S, None, self.row_of
             while True:
                 rows, toks = [], []
                 if snap is not None:  # harvest
@@ -364,9 +383,6 @@ class Engine:
                     break
                 snap = torch.cat([self.st["done"][:b, None].long(), self.st["ngen"][:b, None],
                                   self.st["out"][:b]], 1).cpu()
-        finally:
-            if hook is not None:
-                hook.remove()
 
     def _fill(self, take: list[int], free: list[int], seqs: list[list[int]]) -> None:
         """Prefill the prompts `take` into free slots (after their shared prefixes), in chunks of

@@ -1,5 +1,6 @@
 """harc's decoder on CUDA: graph-captured decode steps against transformers' generate on the unit
-tests' check set (float32: identical tokens), and bf16 through graphs without an eager fallback."""
+tests' check set (float32: identical tokens, with the Triton decode attention and RMSNorm and
+without), and bf16 through graphs without an eager fallback."""
 
 import sys
 from pathlib import Path
@@ -33,3 +34,16 @@ def test_default_cuda_path_uses_graphs_in_bf16():
     ref, new, stats = run_both(model, tok, PROMPTS, batch_size=4, max_new=24)
     assert stats["graphs"] > 0 and stats["eager_fallback"] is None
     assert all(new) and sum(a != b for a, b in zip(ref, new)) <= len(ref) // 2
+    # head_dim 16: the Triton decode attention and RMSNorm are the CUDA defaults
+    assert stats["decode_attn"] == "triton" and stats["fused_norms"] == 2 * 4 + 1
+
+
+@pytest.mark.parametrize("attn", ["triton", "sdpa"])
+def test_triton_kernels_in_graphs_match_reference_in_float32(monkeypatch, attn):
+    monkeypatch.setenv("HARC_DECODE_ATTN", attn)
+    tok, model = tiny_tokenizer("llama3.1"), sharp(tiny_model("llama", hidden=64)).cuda()
+    prompts = PROMPTS + [TEMPLATE.format(p) for p in PROMPTS[:5]]
+    _, _, stats = compacting_stops(model, tok, prompts, 8,
+                                   engine=dict(graphs=True, window=8, min_rows=1))
+    assert stats["graphs"] > 1 and stats["eager_fallback"] is None
+    assert stats["decode_attn"] == attn and stats["fused_norms"] == 2 * 4 + 1

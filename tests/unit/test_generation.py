@@ -1,6 +1,7 @@
 """Greedy generation on tiny random models: harc's decoder against transformers' generate (the
 reference engine), token for token, in float32."""
 
+import os
 import warnings
 from collections import Counter
 
@@ -353,3 +354,54 @@ def test_greedy_ignores_the_models_repetition_penalty():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the decoder itself warns about nothing here
         generate(model, chat, prompts, max_new_tokens=4)
+
+
+def test_triton_decode_attention_matches_reference(monkeypatch):
+    # Needs Triton's interpreter (tests/conftest.py turns it on without a GPU); head_dim 16, the
+    # kernel's smallest. The graph stand-in also checks that the kernel's host side is capturable.
+    pytest.importorskip("triton")
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel under Triton's interpreter on CPU")
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    monkeypatch.setattr(dec, "CudaGraphs", FakeGraphs)
+    tok, model = tiny_tokenizer("qwen2.5"), sharp(tiny_model("qwen2", n_layers=2, hidden=64))
+    prompts = PROMPTS[:3] + [TEMPLATE.format(PROMPTS[3])]
+    ref, _, stats = run_both(model, tok, prompts, max_new=6, engine=dict(graphs=True))
+    assert stats["decode_attn"] == "sdpa"  # the default on CPU
+    model.generation_config.eos_token_id = [tok.eos_token_id, frequent_token(ref)]
+    # Every kernel call is also run through SDPA with the engine's mask (a copy without the
+    # lengths), compared after the run: tokens alone barely depend on one column of the cache.
+    pairs = []
+
+    def both(module, query, key, value, mask, *args, **kw):
+        out = dec._attention(module, query, key, value, mask, *args, **kw)
+        if getattr(mask, "harc_lens", None) is not None:
+            calls, path = dec._attn_calls[0], dec._decode_path[0]
+            plain = dec._attention(module, query, key, value, mask.clone(), *args, **kw)
+            dec._attn_calls[0], dec._decode_path[0] = calls, path
+            pairs.append((out[0].clone(), plain[0].clone()))
+        return out
+
+    monkeypatch.setenv("HARC_DECODE_ATTN", "triton")
+    ALL_ATTENTION_FUNCTIONS.register(dec.ATTN, both)
+    try:
+        ref, new, stats = run_both(model, tok, prompts, max_new=6, engine=dict(graphs=True))
+    finally:
+        ALL_ATTENTION_FUNCTIONS.register(dec.ATTN, dec._attention)
+    assert new == ref and stats["decode_attn"] == "triton" and stats["fills"] > 1
+    assert min(map(len, ref)) < 6 == max(map(len, ref))  # rows stopped at different steps
+    assert len(pairs) > 10
+    for out, plain in pairs:
+        torch.testing.assert_close(out, plain)
+
+
+def test_triton_rmsnorm_matches_reference_and_is_removed_afterwards(monkeypatch):
+    pytest.importorskip("triton")
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel under Triton's interpreter on CPU")
+    monkeypatch.setenv("HARC_DECODE_NORM", "triton")
+    tok, model = tiny_tokenizer("llama3.1"), sharp(tiny_model("llama", n_layers=2))
+    ref, new, stats = run_both(model, tok, PROMPTS[:3], max_new=6)
+    assert new == ref and stats["fused_norms"] == 2 * 2 + 1
+    assert not any("forward" in m.__dict__ for m in model.modules())
