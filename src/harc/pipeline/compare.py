@@ -142,6 +142,16 @@ def load_compare_config(path: str | Path, overrides: list[str]) -> CompareConfig
     return CompareConfig(rc, settings, entries, layers)
 
 
+def stack_adapters(model, first: Path, second: Path):
+    """`model` with `second` running on top of `first`: the function of `second` trained on
+    `first` merged into the base (as the release's HARC + DPO is), with no merge; disabling the
+    adapters gives the true base, so KL is measured against it as for every other entry."""
+    peft = load_adapter(model, first)
+    peft.load_adapter(str(second), adapter_name="second")
+    peft.base_model.set_adapter(["default", "second"], inference_mode=True)
+    return peft
+
+
 class Compare:
     """The stages of `harc compare` over one folder; `run()` runs (or resumes) them."""
 
@@ -224,16 +234,8 @@ class Compare:
         return self._load(e), str(self._adapter(e.name)), st.hash
 
     def _load(self, e: Entry):
-        """The base with the entry's adapter; an `init` entry's adapter runs stacked on its
-        predecessor's (the same function as the merged weights it was trained on, and disabling
-        both gives the true base, so KL is measured against the base like every other entry)."""
-        p = self.p
-        if not e.init:
-            model = load_adapter(p.model, self._adapter(e.name))
-        else:
-            model = load_adapter(p.model, self._adapter(e.init))
-            model.load_adapter(str(self._adapter(e.name)), adapter_name=e.name)
-            model.base_model.set_adapter(["default", e.name])
+        model = (stack_adapters(self.p.model, self._adapter(e.init), self._adapter(e.name))
+                 if e.init else load_adapter(self.p.model, self._adapter(e.name)))
         model.eval()
         return model
 
@@ -296,11 +298,15 @@ class Compare:
             return (time.perf_counter() - t0) / len(prompts)
 
         timed()  # warm-up: kernels, caches and allocator
-        plain = timed()
-        out = {"n": len(prompts), "plain_s_per_request": plain, "layers": {}}
-        for label, lname, opts in self.cc.layers:
-            s = timed(get_filter(lname, **opts).bind(p.policy_context(p.model)))
-            out["layers"][label] = {"s_per_request": s, "added_s_per_request": s - plain}
+        before = timed()
+        layers = {label: timed(get_filter(lname, **opts).bind(p.policy_context(p.model)))
+                  for label, lname, opts in self.cc.layers}
+        # Plain timed before and after the layers: their difference shows the drift of the machine.
+        plain = [before, timed()]
+        mean = sum(plain) / 2
+        out = {"n": len(prompts), "plain_s_per_request": mean, "plain_before_after": plain,
+               "layers": {k: {"s_per_request": s, "added_s_per_request": s - mean}
+                          for k, s in layers.items()}}
         atomic_write_json(path, out)
         st.finish()
         return out

@@ -231,8 +231,8 @@ def build_compare_document(res: Mapping) -> tuple[Cards | None, list[Section]]:
     missing = (res.get("compare") or {}).get("missing")
     if missing:
         sections.insert(1, Section("missing", "Not evaluated yet", [Text(
-            f"{len(missing)} policies have no finished evaluation in this folder: "
-            f"{', '.join(missing)}. Re-run the same `harc compare` command to add them.")]))
+            f"These policies have no finished evaluation in this folder: {', '.join(missing)}. "
+            "Re-run the same `harc compare` command (or with --only) to add them.")]))
     front = [p["name"] for p in pts if p["pareto"]]
     by = {p["name"]: p for p in pts}
     cards = [("Policies", str(len(pts)), f"Pareto front: {', '.join(front)}")]
