@@ -44,12 +44,11 @@ def plot_tradeoff_plane(points: Sequence[Mapping], *, title: str | None = None,
         ax.scatter([p["x"]], [p["y"]], marker=marker, s=150 if marker == "*" else 55,
                    color=color, edgecolor="black" if p.get("pareto") else "white",
                    linewidth=1.3 if p.get("pareto") else 0.8, zorder=4)
-        ax.annotate(p["name"], (p["x"], p["y"]), xytext=(5, 4), textcoords="offset points",
-                    fontsize=7.5, fontweight="bold" if p.get("pareto") else "normal")
     xmax = max(p["x_ci"][1] for p in pts)
     ymax = max(p["y_ci"][1] for p in pts)
     ax.set_xlim(0, min(1.0, xmax * 1.15 + 0.03))
     ax.set_ylim(0, min(1.05, ymax * 1.1 + 0.03))
+    _labels(ax, pts)
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(mpl.ticker.PercentFormatter(1.0))
     ax.set_xlabel("false-refusal rate (over-refusal prompts pooled; Wilson 95%)")
@@ -64,3 +63,24 @@ def plot_tradeoff_plane(points: Sequence[Mapping], *, title: str | None = None,
                           "(black edge: on it)"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _finish(fig, save)
+
+
+# Label offsets in points, tried in order until one is clear of the labels already placed.
+_OFFSETS = ((5, 4), (5, -11), (5, 15), (5, -24), (5, 27), (5, -37))
+
+
+def _labels(ax, pts: Sequence[Mapping]) -> None:
+    """Name each point, moving a label up or down when it would cover one already placed."""
+    placed: list[tuple[float, float, float]] = []  # left, right, baseline in pixels
+    scale = ax.figure.dpi / 72  # points to pixels
+    for p in sorted(pts, key=lambda p: (not p.get("pareto"), p["x"], p["y"])):
+        px, py = ax.transData.transform((p["x"], p["y"]))
+        width = 4.6 * len(str(p["name"])) * scale  # 7.5 pt text, about 4.6 pt per character
+        spots = [(px + dx * scale, py + dy * scale) for dx, dy in _OFFSETS]
+        free = [i for i, (sx, sy) in enumerate(spots)
+                if all(sx + width < ql or sx > qr or abs(sy - qy) > 9 * scale
+                       for ql, qr, qy in placed)]
+        i = free[0] if free else 0
+        placed.append((spots[i][0], spots[i][0] + width, spots[i][1]))
+        ax.annotate(p["name"], (p["x"], p["y"]), xytext=_OFFSETS[i], textcoords="offset points",
+                    fontsize=7.5, fontweight="bold" if p.get("pareto") else "normal")
