@@ -336,3 +336,11 @@ def test_run_records_the_layer_and_base_answers_skip_it(tiny, tmp_path):
     assert att["request_index"] == [0, 1] and len(att["outcomes"]) == 2
     base = ev.respond_base(VAL_B)
     assert base == evaluator(tiny).respond(VAL_B)  # the plain model's own answers
+
+
+def test_harc_eval_refuses_a_direction_layer_without_directions_before_loading():
+    from harc.cli.common import app
+
+    with pytest.raises(HarcError, match=r"^policy layer cast, latent_guard needs --directions"):
+        app(args=["eval", "--filter", "keyword", "--filter", "cast", "--filter", "latent_guard",
+                  "--model", "no-such-model"], standalone_mode=False)
