@@ -31,7 +31,7 @@ from harc.eval.filters import FILTERS, get_filter
 from harc.io import atomic_write_json, sha256_json
 from harc.lora import load_adapter
 from harc.methods import METHODS, PIPELINE_SECTIONS, TrainConfig, Trainer, config_from_raw
-from harc.models import environment
+from harc.models import environment, unwrap
 from harc.pipeline.config import RunConfig, load_run_config, plugin_spec
 from harc.pipeline.run import Pipeline
 from harc.pipeline.stages import Stage, read_jsonl
@@ -176,17 +176,22 @@ class Compare:
         p._timed("diagnose", p.diagnose)
         p.eval_data = p._eval_data()
         self.data = {e.name: self._prepare(e) for e in self.cc.entries}
-        self.evaluate(BASE, p.model, None, None, [lab for lab, _, _ in self.cc.layers])
+        self.evaluate(BASE, p.model, None, None, self._labels())
         self.latency()
         for e in self.cc.entries:
-            if only and e.name not in only:
+            labels = [None, *(self._labels() if e.name in self.cc.settings.stack_on else [])]
+            key = self._train_stage(e).hash
+            if (only and e.name not in only) or all(
+                    self._eval_stage(e.name, key, lab).done() for lab in labels):
                 continue
-            model, adapter, key = self.train(e)
-            stack = [lab for lab, _, _ in self.cc.layers] if e.name in self.cc.settings.stack_on \
-                else []
-            self.evaluate(e.name, model, adapter, key, stack)
+            self.ensure_adapter(e)
+            model = self._load(e)
+            self.evaluate(e.name, model, str(self._adapter(e.name)), key, labels[1:])
             p.model = model.unload()  # the bare base again, for the next entry
         return self.report()
+
+    def _labels(self) -> list[str]:
+        return [lab for lab, _, _ in self.cc.layers]
 
     # ---- training
     def _train_stage(self, e: Entry) -> Stage:
@@ -209,29 +214,30 @@ class Compare:
             cfg.directions = str(self.p.dirs_path)
         return self.p.training_data(cfg)
 
-    def train(self, e: Entry):
-        """Train `e` unless done; returns (model with its adapter(s), adapter path, stage key)."""
+    def ensure_adapter(self, e: Entry) -> None:
+        """Train `e` unless its adapter is here for the same inputs (an `init` entry first makes
+        sure of its predecessor's)."""
         p, cfg = self.p, e.cfg
         st = self._train_stage(e)
-        if e.init and not self._adapter(e.init).is_dir():
-            raise HarcError(f"entry {e.name!r} starts from {e.init!r}, whose adapter is not in "
-                            f"this folder; run {e.init!r} first (--only {e.init},{e.name})")
-        if not (st.done() and self._adapter(e.name).is_dir()):
-            self.log(f"training {e.name} ({cfg.method}, {cfg.steps} steps)")
-            # HARC + DPO: the earlier adapter merged into a copy of the base, as in the release.
-            model = (load_adapter(copy.deepcopy(p.model), self._adapter(e.init)).merge_and_unload()
-                     if e.init else p.model)
-            t0 = time.time()
-            trainer = Trainer(cfg, model, p.tok, self.data[e.name], directions=p.dirs,
-                              progress=True)
-            trainer.train()
-            rows = [r for r in read_jsonl(trainer.log_path) if "step_s" in r]
-            st.finish({"wall_s": time.time() - t0, "steps": trainer.step,
-                       "step_s": sum(r["step_s"] for r in rows) / max(len(rows), 1),
-                       "method": cfg.method, "init": e.init})
-            if not e.init:
-                p.model = trainer.model.unload()  # evaluated as saved, like a resumed run
-        return self._load(e), str(self._adapter(e.name)), st.hash
+        if st.done() and self._adapter(e.name).is_dir():
+            return
+        if e.init:
+            self.ensure_adapter(self._entry(e.init))
+        self.log(f"training {e.name} ({cfg.method}, {cfg.steps} steps)")
+        # HARC + DPO: the earlier adapter merged into a copy of the base, as in the release.
+        model = (load_adapter(copy.deepcopy(p.model), self._adapter(e.init)).merge_and_unload()
+                 if e.init else p.model)
+        use_cache = unwrap(p.model).config.use_cache
+        t0 = time.time()
+        trainer = Trainer(cfg, model, p.tok, self.data[e.name], directions=p.dirs, progress=True)
+        trainer.train()
+        rows = [r for r in read_jsonl(trainer.log_path) if "step_s" in r]
+        st.finish({"wall_s": time.time() - t0, "steps": trainer.step,
+                   "step_s": sum(r["step_s"] for r in rows) / max(len(rows), 1),
+                   "method": cfg.method, "init": e.init})
+        if not e.init:
+            p.model = trainer.model.unload()  # evaluated as saved, like a resumed run
+        unwrap(p.model).config.use_cache = use_cache  # training turns it off
 
     def _load(self, e: Entry):
         model = (stack_adapters(self.p.model, self._adapter(e.init), self._adapter(e.name))
