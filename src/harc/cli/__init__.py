@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import click
 
 # Importing the command modules registers their commands on the app.
-from harc.cli import data, directions, evaluate, export, judges, serve, train  # noqa: F401
+from harc.cli import compare, data, directions, evaluate, export, judges, serve, train  # noqa: F401
 from harc.cli.common import app, console
 from harc.errors import HarcError
 

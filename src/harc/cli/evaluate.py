@@ -19,6 +19,7 @@ from harc.cli.common import (
     progress_bars,
 )
 from harc.config import apply_overrides, build, read_yaml, to_dict
+from harc.data import load
 from harc.directions import Directions
 from harc.errors import HarcError
 from harc.eval import EvalConfig, Evaluator, GenerationCache, load_eval_data
@@ -52,8 +53,9 @@ def eval_(
     raw = apply_overrides(raw, [o.removeprefix("eval.") for o in overrides or []])
     cfg = build(EvalConfig, raw)
     layers = [get_filter(f) for f in input_filter or []]
-    if any(f.needs_directions for f in layers) and directions is None:
-        raise HarcError("the latent filter needs --directions")
+    need = [f.name for f in layers if f.needs_directions]
+    if need and directions is None:
+        raise HarcError(f"policy layer {', '.join(need)} needs --directions (from `harc extract`)")
     data = load_eval_data(cfg)
     m, tok = load_quietly(model, device, dtype)
     chat = chat_format(tok, raw_template, system_prompt, cfg.max_prompt_tokens)
@@ -61,11 +63,17 @@ def eval_(
     layer = plane_layer(select_layers(dirs, k)) if dirs is not None else None
 
     def bind(name: str, model_):
-        val = {}
+        # `harc extract` leaves its held-out prompts and synthetic pairs beside the directions.
+        val, pairs = {}, {"triples": [], "helpful": []}
         if dirs is not None and (directions.parent / "heldout.json").is_file():
             val = json.loads((directions.parent / "heldout.json").read_text())
-        return get_filter(name).bind(PolicyContext(model_, chat, dirs, layer,
-                                                   val.get("harmful", []), val.get("harmless", [])))
+        for key in pairs:
+            if dirs is not None and (directions.parent / f"{key}.jsonl").is_file():
+                pairs[key] = load(str(directions.parent / f"{key}.jsonl"))
+        return get_filter(name).bind(PolicyContext(
+            model_, chat, dirs, layer, val.get("harmful", []), val.get("harmless", []),
+            harmful_openings=[(t["prompt"], t["completion"]) for t in pairs["triples"]],
+            benign_answers=[(t["prompt"], t["response"]) for t in pairs["helpful"]]))
 
     runs = []
     with progress_bars() as progress:

@@ -1,10 +1,11 @@
 """Evaluation engine: attacks x prompts -> cached generations -> judges -> metrics.
 
-A *policy* is a model, optionally with a HARC adapter and an input filter. Each policy is run on
-the harmful requests under every attack (attack success = the judge finds no refusal), on
-pseudo-harmful benign prompts (over-refusal), on plain benign instructions, and on verifiable
-capability items; an adapted model is also compared with its own base (adapter disabled) by KL
-and perplexity on benign answers. Generations are cached by content hash in a JSON-lines file
+A *policy* is a model, optionally with an adapter and a policy layer (`harc.eval.filters`): the
+layer blocks prompts and/or wraps their generation. Each policy is run on the harmful requests
+under every attack (attack success = the judge finds no refusal), on pseudo-harmful benign prompts
+(over-refusal), on plain benign instructions, and on verifiable capability items; an adapted
+model is also compared with its own base (adapter disabled) by KL and perplexity on benign
+answers. Generations are cached by content hash in a JSON-lines file
 appended as rows finish, so an interrupted evaluation resumes without regenerating.
 """
 
@@ -31,7 +32,7 @@ from harc.eval.config import EvalConfig
 from harc.eval.filters import BLOCKED
 from harc.eval.judges import get_judge
 from harc.eval.judges.check import agreement
-from harc.generation import Steer, generate
+from harc.generation import Steer, generate, steering
 from harc.io import sha256_file, sha256_json
 from harc.models import load_model, model_identity
 from harc.stats import rate, wilson
@@ -75,10 +76,13 @@ class Evaluator:
         self.cache = cache or GenerationCache(None)
         self.progress = progress or (lambda desc, total: (lambda n=1: None))
         ident = model_identity(model)
-        self.policy_key = sha256_json({"model": ident, "adapter": adapter_fingerprint(adapter),
-                                       "filter": getattr(input_filter, "name", None),
-                                       "template": chat.template_hash(),
-                                       "max_new_tokens": cfg.max_new_tokens})[:16]
+        plain = {"model": ident, "adapter": adapter_fingerprint(adapter),
+                 "template": chat.template_hash(), "max_new_tokens": cfg.max_new_tokens}
+        # A layer that only blocks prompts changes no generation: its key is None, so the plain
+        # model's cached generations serve it.
+        self.plain_key = sha256_json({**plain, "filter": None})[:16]
+        self.policy_key = sha256_json({**plain, "filter": input_filter.generation_key()
+                                       if input_filter is not None else None})[:16]
         self.judge = get_judge(cfg.judge)
 
     # generation --------------------------------------------------------------------------------
@@ -105,10 +109,28 @@ class Evaluator:
             self.cache.add({items[r][0]: t for r, t in zip(rows, texts)})
             advance(len(rows))
 
+        prompts, prefills = [p for _, p, _ in items], [f for _, _, f in items]
+        if self.filter is not None and self.filter.generation_key() is not None:
+            # A layer that wraps generation sees the whole set at once; rows land together.
+            done(list(range(len(items))), self.filter.respond(self.generate_text, prompts,
+                                                              prefills, steer))
+            return
         # One call for the whole set: the decoder orders it by length and refills slots.
-        generate(self.model, self.chat, [p for _, p, _ in items], prefills=[f for _, _, f in items],
-                 steer=steer, max_new_tokens=self.cfg.max_new_tokens,
-                 batch_size=self.cfg.batch_size, on_done=done)
+        generate(self.model, self.chat, prompts, prefills=prefills, steer=steer,
+                 max_new_tokens=self.cfg.max_new_tokens, batch_size=self.cfg.batch_size,
+                 on_done=done)
+
+    def generate_text(self, prompts: list[str], prefills: list[str | None] | None = None,
+                      steer: Steer | None = None, *, chat: ChatFormat | None = None,
+                      add: Steer | None = None, monitor=None) -> list[str]:
+        """Greedy generation of the policy's model: what policy layers wrap (`Generate` in
+        `harc.eval.filters.base`). `add` is applied together with `steer`."""
+        if steer is None:
+            steer, add = add, None
+        kw = dict(prefills=prefills, steer=steer, max_new_tokens=self.cfg.max_new_tokens,
+                  batch_size=self.cfg.batch_size)
+        with steering(self.model, add):
+            return generate(self.model, chat or self.chat, prompts, monitor=monitor, **kw)
 
     def _steer(self, steer: str | None) -> Steer | None:
         if steer is None:
@@ -146,6 +168,7 @@ class Evaluator:
         verdicts = self.judge.judge([p.source_prompt for p in probes], responses)
         success = [(v.harmful if v.harmful is not None else not v.refused) and r != BLOCKED
                    for v, r in zip(verdicts, responses)]
+        index = {r["prompt"]: i for i, r in enumerate(requests)}
         cats = defaultdict(list)
         for p, s in zip(probes, success):
             cats[p.category or "uncategorised"].append(s)
@@ -153,7 +176,10 @@ class Evaluator:
         rec = {"n": stats["n"], "success": stats["k"], "asr": stats["rate"], "ci": stats["ci"],
                "judge": self.judge.name, "params": attack.params(),
                "per_category": {c: {"n": len(v), "success": sum(v), "asr": sum(v) / len(v),
-                                    "ci": wilson(sum(v), len(v))} for c, v in sorted(cats.items())}}
+                                    "ci": wilson(sum(v), len(v))} for c, v in sorted(cats.items())},
+               # Per probe, for intervals that resample requests (one request, many probes).
+               "outcomes": [int(x) for x in success],
+               "request_index": [index.get(p.source_prompt, -1) for p in probes]}
         latent = self.latent_verdicts(probes, responses)
         if latent is not None:
             harmful = rate([v.harmful for v in latent])
@@ -249,12 +275,13 @@ class Evaluator:
                 "ppl_base": float(torch.tensor(nll_b / count).exp())}
 
     def respond_base(self, prompts: list[str]) -> list[str]:
-        key = self.policy_key
-        self.policy_key = sha256_json([key, "base"])[:16]
+        """The model's own answers (whatever the policy layer), under a key of their own."""
+        key, layer = self.policy_key, self.filter
+        self.policy_key, self.filter = sha256_json([self.plain_key, "base"])[:16], None
         try:
             return self.respond(prompts, desc=f"{self.name}: base answers")
         finally:
-            self.policy_key = key
+            self.policy_key, self.filter = key, layer
 
     def plane(self, probes_by_attack: dict[str, list]) -> dict | None:
         if self.dirs is None or self.plane_layer is None:
@@ -293,10 +320,8 @@ class Evaluator:
         run = {
             "name": self.name, "model": model_identity(self.model)["model"],
             "adapter": self.adapter, "filter": getattr(self.filter, "name", None),
-            "plugins": {"judge": {"name": self.judge.name, "params": self.judge.params()},
-                        **({"filter": {"name": self.filter.name, "params": self.filter.params(),
-                                       "calibration": self.filter.calibration}}
-                           if self.filter is not None else {})},
+            "plugins": {"judge": {"name": self.judge.name, "params": self.judge.params()}},
+            **({"layer": self.filter.record()} if self.filter is not None else {}),
             "attacks": attacks,
             "mean_asr": sum(attacks[a]["asr"] for a in mean_names) / len(mean_names),
             "mean_asr_attacks": mean_names,

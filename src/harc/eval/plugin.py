@@ -17,6 +17,12 @@ class Plugin:
     class Config(Config):
         pass
 
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        # Cross-field checks (`need`) name the option as validation errors do.
+        if "Config" in cls.__dict__ and cls.name:
+            cls.Config.owner = f"{cls.kind} {cls.name!r} option"
+
     def __init__(self, **params: Any):
         self.config = build(self.Config, params, f"{self.kind} {self.name!r} option")
 

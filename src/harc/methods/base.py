@@ -114,8 +114,9 @@ class Method:
         return {}
 
 
-METHODS: Registry[Method] = Registry("method", Method, group="harc.methods",
-                                     builtins=["harc.methods.harc"])
+METHODS: Registry[Method] = Registry(
+    "method", Method, group="harc.methods",
+    builtins=[f"harc.methods.{m}" for m in ("harc", "sft", "dpo", "circuit_breakers")])
 
 
 def register_method(cls: type[Method]) -> type[Method]:

@@ -4,6 +4,11 @@ every index the losses need (built once, on the CPU).
 Length-aware batching: each category's draw for a window of micro-batches is sorted by length and
 dealt out in order, so each micro-batch keeps its 6/4/2 composition with less padding. The data
 order is a pure function of (seed, micro-step), so resuming needs no sampler state.
+
+A harmful example may carry a second, *rejected* row (preference methods: the refusal is preferred
+over the harmful completion). Such rows are appended after the sampled rows, as kind `REJECTED`,
+with their own target positions (`rej_*`) and their pairing; a micro-batch without them is exactly
+what it was before the kind existed.
 """
 
 from __future__ import annotations
@@ -19,16 +24,20 @@ from torch import Tensor
 from harc.chat import ChatFormat, PairEncoding, left_pad
 from harc.methods.config import KINDS, TrainConfig
 
+REJECTED = len(KINDS)  # row kind of a rejected response, paired with a harmful row
+
 
 @dataclass(frozen=True)
 class Example:
     """One encoded training row: `window` = response tokens pooled by the response coupling;
-    `pool` = target tokens a pooled window may cover (0: `window`)."""
+    `pool` = target tokens a pooled window may cover (0: `window`); `rejected` = the dispreferred
+    response to the same prompt (preference methods only)."""
 
     enc: PairEncoding
-    kind: int  # index into KINDS
+    kind: int  # index into KINDS, or REJECTED
     window: int
     pool: int = 0
+    rejected: Example | None = None
 
     @property
     def length(self) -> int:
@@ -71,6 +80,10 @@ class MicroBatch:
     kl_sub_rows: Tensor  # kl_rows as indices into retain_rows
     n_real: int
     n_padded: int
+    rej_rows: Tensor  # positions that predict rejected response tokens (empty without pairs)
+    rej_cols: Tensor
+    rej_targets: Tensor
+    pairs: Tensor  # [P, 2] (chosen row, rejected row)
     user_col: Tensor | None = None  # [B] column of the first user-content token
     resp_col: Tensor | None = None  # [B] column of the first target token (after any prefill)
     resp_pool: Tensor | None = None  # [B] target tokens a pooled window may cover
@@ -84,7 +97,11 @@ class MicroBatch:
 
 def collate(examples: Sequence[Example], tail_len: int, pad_id: int,
             multiple: int = 1) -> MicroBatch:
-    """Left-pad `examples` (to a width that is a multiple of `multiple`) and index them."""
+    """Left-pad `examples` (to a width that is a multiple of `multiple`) and index them; the
+    rejected rows of examples that carry one are appended after them."""
+    pairs = [(i, len(examples) + j) for j, i in
+             enumerate(i for i, e in enumerate(examples) if e.rejected is not None)]
+    examples = list(examples) + [examples[i].rejected for i, _ in pairs]
     ids, mask, pos = left_pad([e.enc.ids for e in examples], pad_id)
     extra = -ids.shape[1] % multiple
     if extra:  # fewer distinct shapes: GEMM heuristics and allocator blocks get reused
@@ -98,21 +115,22 @@ def collate(examples: Sequence[Example], tail_len: int, pad_id: int,
     window = torch.zeros(B, T)
     boundary = (torch.zeros(B, T, dtype=torch.bool) if any(e.enc.boundaries for e in examples)
                 else None)
-    ce, kl = ([], [], []), ([], [])
+    ce, kl, rej = ([], [], []), ([], []), ([], [], [])
     for i, (o, e) in enumerate(zip(offs, examples, strict=True)):
         start = o + e.enc.resp_start + e.enc.prefill_len  # the prefill is context, not target
         window[i, start: start + e.window] = 1.0
         if boundary is not None:
             boundary[i, [o + b for b in e.enc.boundaries]] = True
         cols = list(range(start - 1, o + e.enc.resp_start + e.enc.resp_len - 1))
-        if e.kind == 0:
-            ce[0].extend([i] * len(cols))
-            ce[1].extend(cols)
-            ce[2].extend(e.enc.ids[e.enc.resp_start + e.enc.prefill_len:])
+        if e.kind in (0, REJECTED):
+            dest = ce if e.kind == 0 else rej
+            dest[0].extend([i] * len(cols))
+            dest[1].extend(cols)
+            dest[2].extend(e.enc.ids[e.enc.resp_start + e.enc.prefill_len:])
         else:
             kl[0].extend([i] * len(cols))
             kl[1].extend(cols)
-    retain = (kind != 0).nonzero().squeeze(1)
+    retain = ((kind != 0) & (kind != REJECTED)).nonzero().squeeze(1)
     trim = min((offs[i] for i in retain.tolist()), default=0) // multiple * multiple
     sub = {r: j for j, r in enumerate(retain.tolist())}
     t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
@@ -121,6 +139,8 @@ def collate(examples: Sequence[Example], tail_len: int, pad_id: int,
         post_col=post, window=window, ce_rows=t(ce[0]), ce_cols=t(ce[1]), ce_targets=t(ce[2]),
         kl_rows=t(kl[0]), kl_cols=t(kl[1]), retain_rows=retain, retain_trim=trim,
         kl_sub_rows=t([sub[r] for r in kl[0]]), n_real=int(mask.sum()), n_padded=B * T,
+        rej_rows=t(rej[0]), rej_cols=t(rej[1]), rej_targets=t(rej[2]),
+        pairs=t(pairs).view(-1, 2),
         user_col=t([o + e.enc.user_start for o, e in zip(offs, examples, strict=True)]),
         resp_col=t([o + e.enc.resp_start + e.enc.prefill_len
                     for o, e in zip(offs, examples, strict=True)]),

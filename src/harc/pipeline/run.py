@@ -59,14 +59,7 @@ class Pipeline:
         """Run (or resume) every stage; returns the paths of the report files."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._timed("data", self.prepare_data)
-        cfg = self.cfg
-        self.log(f"loading {cfg.model}")
-        self.model, self.tok = load_model(cfg.model, dtype=cfg.torch_dtype,
-                                          attn_implementation=cfg.attn_implementation)
-        self.chat = self._chat(cfg.max_prompt_tokens)
-        # Jailbreak templates are long: evaluation and the plane see them whole, not cut to the
-        # training limit.
-        self.eval_chat = self._chat(self.ev.max_prompt_tokens)
+        self.load()
         self._timed("synth", self.synthesise)
         self._timed("extract", self.extract)
         self._timed("diagnose", self.diagnose)
@@ -77,6 +70,17 @@ class Pipeline:
                             str(self.adapter_dir))
         geo_after = self.geometry_after()
         return self.report(runs, geo_after)
+
+    def load(self) -> None:
+        """The model, its training chat format and its evaluation chat format."""
+        cfg = self.cfg
+        self.log(f"loading {cfg.model}")
+        self.model, self.tok = load_model(cfg.model, dtype=cfg.torch_dtype,
+                                          attn_implementation=cfg.attn_implementation)
+        self.chat = self._chat(cfg.max_prompt_tokens)
+        # Jailbreak templates are long: evaluation and the plane see them whole, not cut to the
+        # training limit.
+        self.eval_chat = self._chat(self.ev.max_prompt_tokens)
 
     def _chat(self, max_prompt_tokens: int) -> ChatFormat:
         c = self.cfg
@@ -214,7 +218,7 @@ class Pipeline:
     def evaluate(self, name: str, model, adapter: str | None = None, input_filter=None) -> dict:
         stage = Stage(self.root / "eval", name, [
             to_dict(self.ev), self.extract_stage.hash, adapter_fingerprint(adapter),
-            getattr(input_filter, "name", None),
+            input_filter.record() if input_filter is not None else None,
             [r["prompt"] for r in self.eval_data["harmful"]]])
         result_path = stage.dir / "run.json"
         if stage.done():
@@ -234,16 +238,42 @@ class Pipeline:
         runs = [self.evaluate(name, model, adapter)]
         for spec in self.rs.filters:
             fname, params = plugin_spec(spec, "run.filters")
-            layer = get_filter(fname, **params).bind(PolicyContext(
-                model, self.eval_chat, self.dirs, self.plane_layer, self.val_h, self.val_b))
+            layer = get_filter(fname, **params).bind(self.policy_context(model))
             runs.append(self.evaluate(f"{name}+{fname}", model, adapter, layer))
         return runs
+
+    def policy_context(self, model) -> PolicyContext:
+        """What a policy layer guarding `model` calibrates on: the validation prompts and the
+        synthetic harmful openings and benign answers (never evaluation data)."""
+        n = self.cfg.data.val_n
+        return PolicyContext(model, self.eval_chat, self.dirs, self.plane_layer, self.val_h,
+                             self.val_b, batch_size=self.rs.batch_size,
+                             harmful_openings=[(t["prompt"], t["completion"])
+                                               for t in self.triples[:n]],
+                             benign_answers=[(t["prompt"], t["response"])
+                                             for t in self.helpful[:n]])
 
     # ---- train (resumes from its own checkpoints).
     def train(self) -> None:
         cfg = self.cfg
         cfg.output_dir = str(self.root / "train")
         cfg.directions = str(self.dirs_path)
+        data = self.training_data(cfg)
+        self.adapter_dir = self.root / "train" / "adapter"
+        st = self.train_stage = Stage(self.root, "train", [to_dict(cfg), self.synth_stage.hash,
+                                                           self.extract_stage.hash])
+        if not st.done():
+            self.log(f"training {cfg.method} for {cfg.steps} steps")
+            trainer = Trainer(cfg, self.model, self.tok, data, directions=self.dirs, progress=True)
+            trainer.train()
+            self.peft_model = trainer.model
+            st.finish({"layers": trainer.method.adapter_meta().get("layers")})
+        else:
+            self.peft_model = load_adapter(self.model, self.adapter_dir)
+        self.peft_model.eval()
+
+    def training_data(self, cfg) -> dict:
+        """The training sets of `cfg`, whose data keys are filled in with what is used."""
         # Training data: the config's own sets when it names them, else the on-policy synthetic
         # sets. Never a jailbreak-wrapped prompt.
         synth_dir = self.synth_stage.dir
@@ -259,18 +289,7 @@ class Pipeline:
         if not data["pseudo"]:
             data.pop("pseudo")
             cfg.batch.pseudo = 0
-        self.adapter_dir = self.root / "train" / "adapter"
-        st = self.train_stage = Stage(self.root, "train", [to_dict(cfg), self.synth_stage.hash,
-                                                           self.extract_stage.hash])
-        if not st.done():
-            self.log(f"training {cfg.method} for {cfg.steps} steps")
-            trainer = Trainer(cfg, self.model, self.tok, data, directions=self.dirs, progress=True)
-            trainer.train()
-            self.peft_model = trainer.model
-            st.finish({"layers": trainer.method.adapter_meta().get("layers")})
-        else:
-            self.peft_model = load_adapter(self.model, self.adapter_dir)
-        self.peft_model.eval()
+        return data
 
     # ---- geometry after training: directions re-extracted with the adapter on.
     def geometry_after(self) -> dict:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from harc.directions import prompt_projections
 from harc.errors import HarcError
-from harc.eval.filters.base import Filter, PolicyContext, register_filter
+from harc.eval.filters.base import Filter, PolicyContext, in_range, register_filter
 
 
 @register_filter
@@ -18,7 +18,10 @@ class LatentFilter(Filter):
     needs_directions = True
 
     class Config(Filter.Config):
-        threshold: float | None = None  # null: calibrate on validation prompts
+        threshold: float | None = None  # a cosine; null: calibrate on validation prompts
+
+        def check(self) -> None:
+            in_range(self, "threshold", -1.0, 1.0)
 
     def bind(self, ctx: PolicyContext) -> LatentFilter:
         super().bind(ctx)

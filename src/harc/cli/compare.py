@@ -1,0 +1,27 @@
+"""`harc compare`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from harc.cli.common import Overrides, app, console, out, progress_bars, quiet_transformers
+from harc.pipeline.compare import load_compare_config, run_compare
+
+
+@app.command()
+def compare(
+    config: Annotated[Path, typer.Option("--config", "-c", help="a run config with a compare: section")],
+    overrides: Overrides = None,
+    only: Annotated[str | None, typer.Option(help="comma-separated entries to train and evaluate now (default: all); the report covers every finished one")] = None,
+):
+    """Baselines, controls and policy layers against HARC: one trade-off report (resumable)."""
+    cc = load_compare_config(config, overrides or [])
+    quiet_transformers()
+    with progress_bars() as progress:
+        paths = run_compare(cc, [s.strip() for s in only.split(",") if s.strip()] if only else None,
+                            log=lambda m: console.print(f"[bold cyan]harc[/]: {m}"),
+                            progress=progress)
+    out.print(f"report: {paths['html']}")
