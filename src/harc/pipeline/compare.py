@@ -25,6 +25,7 @@ from pydantic import Field
 
 from harc._version import __version__
 from harc.config import Config, apply_overrides, build, read_yaml, to_dict
+from harc.data import load
 from harc.errors import HarcError
 from harc.eval import Evaluator, GenerationCache
 from harc.eval.filters import FILTERS, get_filter
@@ -35,6 +36,14 @@ from harc.models import environment, unwrap
 from harc.pipeline.config import RunConfig, load_run_config, plugin_spec
 from harc.pipeline.run import Pipeline
 from harc.pipeline.stages import Stage, read_jsonl
+from harc.pipeline.sweep import (
+    SweepSettings,
+    expand_grid,
+    select,
+    validation_data,
+    validation_scores,
+    validation_split,
+)
 from harc.report.compare import tradeoff, write_compare_report
 
 BASE = "base"
@@ -52,6 +61,10 @@ class CompareSettings(Config):
     stack_on: entries also evaluated under each policy layer.
     latency_n: validation harmless prompts timed per layer for its added latency.
     bootstrap: resamples of the harmful requests for the mean-ASR intervals.
+    sweep: a grid of method keys (`harc.pipeline.sweep.SweepSettings`) whose entries are
+        evaluated on a validation split only; the one the selection rule picks is then evaluated
+        on the evaluation sets like any entry. With a sweep, every entry trains on the
+        pseudo-harmful prompts left after the validation hold-out.
     """
 
     prefix: ClassVar[str] = "compare."
@@ -61,6 +74,7 @@ class CompareSettings(Config):
     stack_on: list[str] = Field(default_factory=lambda: ["harc"])
     latency_n: int = 32
     bootstrap: int = 2000
+    sweep: SweepSettings | None = None
 
     def check(self) -> None:
         self.need(len(self.methods) > 0, "methods", "must list at least one method")
@@ -73,6 +87,7 @@ class Entry:
     name: str
     cfg: TrainConfig
     init: str | None = None
+    sweep: bool = False  # a grid entry: validated; evaluated only if the rule picks it
 
 
 @dataclass
@@ -117,6 +132,11 @@ def load_compare_config(path: str | Path, overrides: list[str]) -> CompareConfig
     settings = build(CompareSettings, raw.get("compare") or {})
     top = {k: v for k, v in raw.items() if k not in PIPELINE_SECTIONS and k != "method"}
     entries = [_entry(spec, i, top, base) for i, spec in enumerate(settings.methods)]
+    if settings.sweep is not None:
+        grid = expand_grid(settings.sweep)
+        entries += [_entry(spec, len(entries) + i, top, base) for i, spec in enumerate(grid)]
+        for e in entries[-len(grid):]:
+            e.sweep = True
     names = [BASE]
     for e in entries:
         if e.name in names:
@@ -175,20 +195,94 @@ class Compare:
         p._timed("extract", p.extract)
         p._timed("diagnose", p.diagnose)
         p.eval_data = p._eval_data()
+        self.split = self._validation_split()
         self.data = {e.name: self._prepare(e) for e in self.cc.entries}
         self.evaluate(BASE, p.model, None, None, self._labels())
+        if self.split is not None:
+            self.validate(BASE, p.model, None, None)
         self.latency()
         for e in self.cc.entries:
-            labels = [None, *(self._labels() if e.name in self.cc.settings.stack_on else [])]
-            key = self._train_stage(e).hash
-            if (only and e.name not in only) or all(
-                    self._eval_stage(e.name, key, lab).done() for lab in labels):
+            if only and e.name not in only:
                 continue
-            self.ensure_adapter(e)
-            model = self._load(e)
-            self.evaluate(e.name, model, str(self._adapter(e.name)), key, labels[1:])
-            p.model = model.unload()  # the bare base again, for the next entry
+            key = self._train_stage(e).hash
+            if e.sweep:
+                if not self._validation_stage(e.name, key).done():
+                    self.ensure_adapter(e)
+                    model = self._load(e)
+                    self.validate(e.name, model, str(self._adapter(e.name)), key)
+                    p.model = model.unload()
+                continue
+            self._evaluate_entry(e)
+        choice = self.choice()
+        if choice is not None and (not only or choice["chosen"] in only):
+            self._evaluate_entry(self._entry(choice["chosen"]))
         return self.report()
+
+    def _evaluate_entry(self, e: Entry) -> None:
+        """Train `e` if needed and evaluate it alone and under the layers it is stacked with."""
+        p = self.p
+        labels = [None, *(self._labels() if e.name in self.cc.settings.stack_on else [])]
+        key = self._train_stage(e).hash
+        if all(self._eval_stage(e.name, key, lab).done() for lab in labels):
+            return
+        self.ensure_adapter(e)
+        model = self._load(e)
+        self.evaluate(e.name, model, str(self._adapter(e.name)), key, labels[1:])
+        p.model = model.unload()  # the bare base again, for the next entry
+
+    # ---- the sweep: choices made on validation only
+    def _validation_split(self):
+        sw = self.cc.settings.sweep
+        if sw is None:
+            return None
+        p = self.p
+        pseudo = read_jsonl(p.synth_stage.dir / "pseudo.jsonl")
+        evaluation = {"harmful": p.eval_data["harmful"], "benign": p.eval_data["benign"],
+                      **p.eval_data["over_refusal"]}
+        training = [{"prompt": t["prompt"]} for t in p.triples] + [{"prompt": x} for x in p.ext_h]
+        split = validation_split(sw, load(sw.harmful), pseudo, evaluation=evaluation,
+                                 training=training)
+        self.sweep_info = {"n_harmful": len(split.harmful), "n_pseudo": len(split.pseudo),
+                           "pseudo_train": len(split.pseudo_train), "removed": split.removed,
+                           "overlaps_with_evaluation": split.overlaps}
+        return split
+
+    def _validation_stage(self, entry: str, key: str | None) -> Stage:
+        return Stage(self.root / "methods" / entry, "validation", [
+            to_dict(self.p.ev), self.p.extract_stage.hash, key,
+            sha256_json(validation_data(self.split))])
+
+    def validate(self, entry: str, model, adapter: str | None, key: str | None) -> None:
+        """`entry` on the validation split: attacks on the validation requests, false refusals
+        on the held-out pseudo-harmful prompts (no plane, judge check or capability)."""
+        p = self.p
+        st = self._validation_stage(entry, key)
+        if st.done():
+            return
+        self.log(f"validating {entry}")
+        ev = p.ev.model_copy(update={"plane": False, "latent_judge": False, "capability": None})
+        cache = GenerationCache(self.root / "methods" / entry / "validation.generations.jsonl")
+        res = Evaluator(model, p.eval_chat, ev, name=entry, adapter=adapter, dirs=p.dirs,
+                        plane_layer=p.plane_layer, cache=cache,
+                        progress=p.progress).run(validation_data(self.split))
+        atomic_write_json(st.dir / "run.json", res)
+        st.finish()
+
+    def choice(self) -> dict | None:
+        """The selection rule over the validated grid entries (None until all are validated)."""
+        if self.split is None:
+            return None
+        runs = {}
+        for e in [x for x in self.cc.entries if x.sweep]:
+            st = self._validation_stage(e.name, self._train_stage(e).hash)
+            if not st.done():
+                return None
+            runs[e.name] = validation_scores(json.loads((st.dir / "run.json").read_text()))
+        base = self._validation_stage(BASE, None)
+        if not base.done():
+            return None
+        return {**select(runs, validation_scores(json.loads((base.dir / "run.json").read_text()))),
+                "split": self.sweep_info}
 
     def _labels(self) -> list[str]:
         return [lab for lab, _, _ in self.cc.layers]
@@ -212,7 +306,10 @@ class Compare:
         cfg.output_dir = str(self.root / "methods" / e.name / "train")
         if "directions" in type(cfg).model_fields:
             cfg.directions = str(self.p.dirs_path)
-        return self.p.training_data(cfg)
+        data = self.p.training_data(cfg)
+        if self.split is not None:  # the validation hold-out never reaches training
+            data["pseudo"] = self.split.pseudo_train
+        return data
 
     def ensure_adapter(self, e: Entry) -> None:
         """Train `e` unless its adapter is here for the same inputs (an `init` entry first makes
@@ -324,7 +421,10 @@ class Compare:
         layers = [lab for lab, _, _ in cc.layers]
         plan = [(BASE, None, [None, *layers])]
         training, missing = {}, []
+        choice = self.choice()
         for e in cc.entries:
+            if e.sweep and (choice is None or e.name != choice["chosen"]):
+                continue
             st = self._train_stage(e)
             marker = st.dir / "stage.json"
             if st.done():
@@ -360,6 +460,7 @@ class Compare:
                 "layers": {lab: {"layer": n, "options": o} for lab, n, o in cc.layers},
                 "latency": json.loads(lat.read_text()) if lat.is_file() else {},
                 "tradeoff": tradeoff(runs, cc.settings.bootstrap, seed=rc.run.seed),
+                "sweep": choice,
                 "missing": missing},
             "timings_s": p.timings,
         }

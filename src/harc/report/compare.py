@@ -223,10 +223,29 @@ def _calibration(runs: list[dict]) -> Section | None:
                    [Table(["Policy", "Layer", "Calibration (validation data only)"], rows)])
 
 
+def _sweep(res: Mapping) -> Section | None:
+    sw = (res.get("compare") or {}).get("sweep")
+    if not sw:
+        return None
+    rows = [[t["entry"] + (" (chosen)" if t["entry"] == sw["chosen"] else ""),
+             Cell(pct(t["asr"]), num=True), Cell(pct(t["false_refusal"]), num=True),
+             "yes" if t["eligible"] else "no"] for t in sw["table"]]
+    rows.insert(0, ["base", Cell(pct(sw["base"]["asr"]), num=True),
+                    Cell(pct(sw["base"]["false_refusal"]), num=True), "—"])
+    split = sw.get("split") or {}
+    text = (f"Chosen on a validation split only ({split.get('n_harmful')} HarmBench validation "
+            f"requests under the evaluation's attacks, {split.get('n_pseudo')} held-out "
+            f"pseudo-harmful prompts); the evaluation sets played no part. Rule: {sw['rule']}."
+            + ("" if sw.get("constraint_met") else " No entry met the false-refusal constraint."))
+    return Section("sweep", "Validation sweep", [Text(text), Table(
+        ["Entry", "validation attack success", "validation false refusals",
+         "false refusals not above base"], rows)])
+
+
 def build_compare_document(res: Mapping) -> tuple[Cards | None, list[Section]]:
     runs = [r for r in res.get("runs") or [] if isinstance(r, dict)]
     pts = (res.get("compare") or {}).get("tradeoff") or tradeoff(runs)
-    sections = [_plane(res, pts), _per_attack(runs), _per_category(runs), _cost(res),
+    sections = [_plane(res, pts), _per_attack(runs), _per_category(runs), _sweep(res), _cost(res),
                 _calibration(runs), judges(res, runs), provenance(res, runs)]
     missing = (res.get("compare") or {}).get("missing")
     if missing:
