@@ -16,12 +16,14 @@ def compare(
     config: Annotated[Path, typer.Option("--config", "-c", help="a run config with a compare: section")],
     overrides: Overrides = None,
     only: Annotated[str | None, typer.Option(help="comma-separated entries to train and evaluate now (default: all); the report covers every finished one")] = None,
+    report_only: Annotated[bool, typer.Option("--report-only", help="train and evaluate nothing: the report over what is finished")] = False,
 ):
     """Baselines, controls and policy layers against HARC: one trade-off report (resumable)."""
     cc = load_compare_config(config, overrides or [])
     quiet_transformers()
     with progress_bars() as progress:
-        paths = run_compare(cc, [s.strip() for s in only.split(",") if s.strip()] if only else None,
+        paths = run_compare(cc, [] if report_only else
+                            [s.strip() for s in only.split(",") if s.strip()] if only else None,
                             log=lambda m: console.print(f"[bold cyan]harc[/]: {m}"),
                             progress=progress)
     out.print(f"report: {paths['html']}")

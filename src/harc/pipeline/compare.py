@@ -182,7 +182,8 @@ class Compare:
 
     def run(self, only: list[str] | None = None) -> dict:
         """Run (or resume) the shared stages, then the entries (those in `only`, or all), then
-        the report over every finished policy; returns the report's paths."""
+        the report over every finished policy; returns the report's paths. `only=[]` trains and
+        evaluates nothing: the report over what is finished (the shared stages must be)."""
         known = [e.name for e in self.cc.entries]
         unknown = [n for n in only or [] if n not in known]
         if unknown:
@@ -197,12 +198,14 @@ class Compare:
         p.eval_data = p._eval_data()
         self.split = self._validation_split()
         self.data = {e.name: self._prepare(e) for e in self.cc.entries}
+        if only == []:
+            return self.report()
         self.evaluate(BASE, p.model, None, None, self._labels())
         if self.split is not None:
             self.validate(BASE, p.model, None, None)
         self.latency()
         for e in self.cc.entries:
-            if only and e.name not in only:
+            if only is not None and e.name not in only:
                 continue
             key = self._train_stage(e).hash
             if e.sweep:
@@ -214,7 +217,7 @@ class Compare:
                 continue
             self._evaluate_entry(e)
         choice = self.choice()
-        if choice is not None and (not only or choice["chosen"] in only):
+        if choice is not None and (only is None or choice["chosen"] in only):
             self._evaluate_entry(self._entry(choice["chosen"]))
         return self.report()
 
@@ -374,6 +377,7 @@ class Compare:
                             input_filter=layer, dirs=p.dirs, plane_layer=p.plane_layer,
                             latent_threshold=p.latent_threshold, cache=cache,
                             progress=p.progress).run(p.eval_data)
+            res["environment"] = environment()  # a report may be rendered elsewhere, later
             res["compare"] = {"entry": entry, "layer": label,
                               "parent": entry if label else (None if entry == BASE else BASE)}
             atomic_write_json(path, res)
@@ -449,7 +453,9 @@ class Compare:
             "config": {"train": to_dict(rc.train), "eval": to_dict(rc.eval),
                        "run": to_dict(rc.run), "compare": to_dict(cc.settings),
                        "entries": {e.name: to_dict(e.cfg) for e in cc.entries}},
-            "environment": environment(),
+            # Where the evaluations ran (a --report-only run may be on another machine).
+            "environment": next((r["environment"] for r in runs if "environment" in r),
+                                environment()),
             "data": {**p.data_info, "validation": {"harmful": len(p.val_h),
                                                    "harmless": len(p.val_b)}},
             "judges": p.judges(runs),
