@@ -76,7 +76,8 @@ def readings(model, chat, items: Sequence[dict], dirs: dict[str, torch.Tensor], 
     """{dir: {layer: {reading: [value per item]}}} for items {"text", "request"?}: the rendered
     prompt and, when it holds the request verbatim, that request."""
     tok, dev = chat.tokenizer, next(model.parameters()).device
-    stack = {s: torch.stack([dirs[k][j] for k in dirs]).to(dev) for j, s in enumerate(layers)}
+    # The directions may live on different devices (one is read off the model): stack on `dev`.
+    stack = {s: torch.stack([dirs[k][j].to(dev) for k in dirs]) for j, s in enumerate(layers)}
     out = {k: {s: {r: [] for r in READINGS} for s in layers} for k in dirs}
     for i in range(0, len(items), batch_size):
         batch = items[i: i + batch_size]

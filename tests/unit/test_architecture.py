@@ -160,3 +160,28 @@ def test_a_key_of_another_method_is_one_clear_line(toy_package):
     with pytest.raises(HarcError, match="attack 'toy_shout' option 'times'"):
         get_attack("toy_shout", times="many")
     assert build(METHODS.get("toy_ce").Config, {}).method == "toy_ce"
+
+
+def test_scripts_import_only_what_exists():
+    """bench/ and docs/results/ scripts run rarely (some only on a GPU): every harc name they
+    import, at module level or inside a function, must exist."""
+    import importlib
+
+    missing = []
+    for path in [*ROOT.glob("bench/*.py"), *ROOT.glob("docs/results/*.py"),
+                 *ROOT.glob("examples/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("harc"):
+                try:
+                    mod = importlib.import_module(node.module)
+                except ImportError:
+                    missing.append(f"{path.name}: {node.module}")
+                    continue
+                missing += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(mod, a.name)
+                            and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("harc") and importlib.util.find_spec(a.name) is None:
+                        missing.append(f"{path.name}: {a.name}")
+    assert not missing, missing
