@@ -279,9 +279,8 @@ def case_dims(args, dev, arch: str) -> dict:
 def mix(args, chat) -> tuple[list[str], list, list[str], dict]:
     """Attack probes on harmful requests plus plain benign prompts: (prompts, prefills, the set
     each prompt belongs to, counts)."""
-    from harc.eval.attacks import get_attack
-
     from harc.data import load
+    from harc.eval.attacks import get_attack
 
     try:
         reqs = [{"prompt": r["prompt"]} for r in load("harmbench", limit=args.n_requests)]

@@ -3,10 +3,13 @@
     python bench/serve_load.py --out docs/bench/serve_load-cpu.json              # 50 x 10, CPU
     python bench/serve_load.py --clients 4 --requests 2 --max-tokens 4           # a quick check
 
-Starts `python -m harc serve` on a free 127.0.0.1 port with the model, one adapter and the
-keyword filter, then runs three scenarios one after another: the base model, the adapter, and the
-adapter behind the keyword filter. In each, C clients send R chat completions back to back (benign
-prompts, so the filter passes them and its cost is what changes). Every request's latency is kept;
+Starts `python -m harc serve` on a free 127.0.0.1 port with the model, one adapter, the keyword
+filter and the runtime latent guard, then runs four scenarios one after another: the base model,
+the adapter, the adapter behind the keyword filter, and the adapter behind the latent guard (as a
+server runs it: each finished answer scored teacher-forced; random unit directions and a fixed
+threshold stand in for a run's, since the cost does not depend on their values). In each, C
+clients send R chat completions back to back (benign prompts, so the filter passes them and its
+cost is what changes). Every request's latency is kept;
 a non-200 answer, a malformed body, a transport error or a timeout counts as failed. Without
 --adapter a random-weight LoRA stands in for a HARC adapter: serving cost does not depend on the
 values of the weights. The whole run is bounded by --timeout. JSON to --out, a table to stdout.
@@ -47,28 +50,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _random_adapter(model: str, out: Path) -> Path:
+def _random_adapter(model: str, out: Path) -> tuple[Path, Path]:
+    """A random LoRA and random unit directions for `model` (serving cost ignores their values)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     sys.path.insert(0, str(SRC))
-    from harc.models import load_model
+    from harc.directions import NAMES, Directions
+    from harc.models import decoder_layers, load_model
 
     base, _ = load_model(model)
     torch.manual_seed(0)
+    shape = (len(decoder_layers(base)) + 1, base.config.hidden_size)
+    vs = {n: torch.nn.functional.normalize(torch.randn(shape), dim=-1) for n in NAMES}
+    dirs = Directions(**vs, norms={n: torch.ones(shape[0]) for n in NAMES})
+    directions = dirs.save(out.parent / "directions.safetensors")
     cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                      init_lora_weights=False)
     get_peft_model(base, cfg).save_pretrained(out)
-    return out
+    return out, directions
 
 
-def _start_server(args, adapter: Path, port: int) -> subprocess.Popen:
+def _start_server(args, adapter: Path, directions: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     cmd = [sys.executable, "-m", "harc", "serve", "--model", args.model,
            "--adapter", f"harc={adapter}", "--filter", "keyword", "--port", str(port),
            "--log-level", "warning", f"limits.max_tokens={args.max_tokens}",
            f"limits.max_concurrent_requests={max(64, args.clients)}",
-           f"batching.max_batch_size={args.batch_size}", f"batching.wait_ms={args.wait_ms}"]
+           f"batching.max_batch_size={args.batch_size}", f"batching.wait_ms={args.wait_ms}",
+           "policies.harc+latent_guard.base=harc", f"policies.harc+latent_guard.directions={directions}",
+           "policies.harc+latent_guard.layers=[{name: latent_guard, threshold: 0.5}]"]
     if args.threads:
         cmd.append(f"threads={args.threads}")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -159,14 +170,15 @@ def main() -> None:
     deadline = time.monotonic() + args.timeout
     load_before = os.getloadavg()[0]  # on a shared machine, how busy the CPU already was
     tmp = tempfile.TemporaryDirectory(prefix="serve_load.")
-    adapter = args.adapter or _random_adapter(args.model, Path(tmp.name) / "adapter")
+    adapter, directions = _random_adapter(args.model, Path(tmp.name) / "adapter")
+    adapter = args.adapter or adapter
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start_server(args, adapter, port)
+    proc = _start_server(args, adapter, directions, port)
     try:
         _wait_ready(proc, url, deadline)
         scenarios = []
-        for m in (args.model, "harc", "harc+keyword"):
+        for m in (args.model, "harc", "harc+keyword", "harc+latent_guard"):
             scenarios.append(asyncio.run(_scenario(url, m, args, deadline)))
             print(f"{m}: {scenarios[-1]['wall_s']} s", file=sys.stderr, flush=True)
     except TimeoutError:

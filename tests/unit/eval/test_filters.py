@@ -251,6 +251,16 @@ def test_guard_threshold_is_calibrated_on_the_validation_pairs(tiny):
         get_filter("latent_guard").bind(PolicyContext(model, chat, dirs, 2))
 
 
+def test_guard_checks_finished_responses_with_its_calibrated_cut(tiny):
+    layer = get_filter("latent_guard", min_tokens=2).bind(ctx(tiny))
+    model, chat, dirs = tiny
+    pairs = OPENINGS + ANSWERS
+    scores = running_scores(model, chat, pairs, dirs.v_harm_resp[2], 2, 2)
+    got = layer.check_output([p for p, _ in pairs] + ["x"], [r for _, r in pairs] + ["  "])
+    assert got == [x > layer.threshold for x in scores] + [False]
+    assert any(got) and not all(got)  # the calibrated cut separates the two sides
+
+
 class Recorder:
     """A monitor that records what it sees and stops the rows of `stop` after `after` tokens."""
 

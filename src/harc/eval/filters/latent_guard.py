@@ -119,3 +119,15 @@ class LatentGuard(Filter):
     def respond(self, generate: Generate, prompts: list[str], prefills: list[str | None],
                 steer) -> list[str]:
         return generate(prompts, prefills, steer, monitor=self.monitor())
+
+    def check_output(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
+        """The guard's decision on finished responses (teacher-forced): what a server that cannot
+        watch its decoder applies after generation. True: the response crossed the threshold."""
+        c = self.ctx
+        keep = [i for i, r in enumerate(responses) if r.strip()]
+        scores = running_scores(c.model, c.chat, [(prompts[i], responses[i]) for i in keep],
+                                self.v, self.slot, self.config.min_tokens, c.batch_size)
+        out = [False] * len(responses)
+        for i, x in zip(keep, scores, strict=True):
+            out[i] = x > self.threshold
+        return out
