@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,21 +26,22 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from safetensors.torch import load_file
 from torch import Tensor
 
 from harc._version import __version__
 from harc.chat import ChatFormat
 from harc.config import to_dict
 from harc.errors import HarcError
-from harc.io import atomic_write_json, atomic_write_text
+from harc.io import append_line, atomic_dir, atomic_write_json, atomic_write_text, remove_stale_temps
 from harc.lora import attach_lora
 from harc.methods.base import METHODS, Method
 from harc.methods.batching import MicroBatchSampler, collate
 from harc.methods.checkpoint import (
+    DamagedCheckpoint,
+    checkpoint_candidates,
     load_optimizer,
     load_rng,
-    replace_dir,
+    read_checkpoint,
     save_optimizer,
     save_rng,
     seed_all,
@@ -178,6 +179,9 @@ class Trainer:
         """Train to `config.steps` (resuming if asked); returns the final adapter folder."""
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        # Temporaries of writes an interruption cut short (they are never read).
+        remove_stale_temps(self.out)
+        remove_stale_temps(self.ckpt_dir)
         self._maybe_resume()
         if self.step == 0:
             atomic_write_json(self.out / "config.json", to_dict(c))
@@ -223,8 +227,7 @@ class Trainer:
 
     def _log(self, rec: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, default=float) + "\n")
+        append_line(self.log_path, json.dumps(rec, default=float))
 
     # ---- checkpoints
     @property
@@ -232,42 +235,39 @@ class Trainer:
         return self.out / "checkpoints"
 
     def latest_checkpoint(self) -> Path | None:
-        ptr = self.ckpt_dir / "latest"
-        if not ptr.is_file():
-            return None
-        path = self.ckpt_dir / ptr.read_text().strip()
-        return path if path.is_dir() else None
+        found = checkpoint_candidates(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+        return found[0] if found else None
 
     def save_adapter(self, target: Path) -> Path:
         """The PEFT adapter plus harc_adapter.json (base identity, method state, config),
         atomically."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        self.model.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / "harc_adapter.json").write_text(json.dumps(
+        with atomic_dir(target) as tmp:
+            self._write_adapter(tmp)
+        return target
+
+    def _write_adapter(self, folder: Path) -> None:
+        self.model.save_pretrained(str(folder), safe_serialization=True)
+        (folder / "harc_adapter.json").write_text(json.dumps(
             {**model_identity(self.model), "harc_version": __version__, "step": self.step,
              "method": self.cfg.method, **self.method.adapter_meta(),
              "config": to_dict(self.cfg)}, indent=2, default=str))
-        replace_dir(tmp, target)
-        return target
 
     def save_checkpoint(self) -> Path:
         """Adapter, optimizer, scheduler, RNG, step and the method's state, written as one folder
         that appears atomically; then the `latest` pointer moves and old checkpoints are pruned."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{self.step:07d}"
-        tmp = Path(tempfile.mkdtemp(dir=self.ckpt_dir, prefix=f".{name}."))
-        self.save_adapter(tmp / "adapter")
-        opt = save_optimizer(self.optimizer, tmp / "optimizer.safetensors")
-        py_rng = save_rng(tmp / "rng.safetensors")
-        self.method.save(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps({
-            "step": self.step, "skipped": self.skipped, "method": self.method.state(), **opt,
-            "scheduler": self.scheduler.state_dict(), "python_rng": py_rng,
-            "config": to_dict(self.cfg), "harc_version": __version__,
-        }, default=str))
         target = self.ckpt_dir / name
-        replace_dir(tmp, target)
+        with atomic_dir(target) as tmp:
+            (tmp / "adapter").mkdir()
+            self._write_adapter(tmp / "adapter")
+            opt = save_optimizer(self.optimizer, tmp / "optimizer.safetensors")
+            py_rng = save_rng(tmp / "rng.safetensors")
+            self.method.save(tmp)
+            (tmp / "trainer_state.json").write_text(json.dumps({
+                "step": self.step, "skipped": self.skipped, "method": self.method.state(),
+                **opt, "scheduler": self.scheduler.state_dict(), "python_rng": py_rng,
+                "config": to_dict(self.cfg), "harc_version": __version__,
+            }, default=str))
         atomic_write_text(self.ckpt_dir / "latest", name)
         done = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir())
         for old in done[: -self.cfg.keep_checkpoints]:
@@ -281,39 +281,59 @@ class Trainer:
                 raise HarcError(f"{self.out} already holds checkpoints; choose another "
                                 "output_dir, or set resume=auto to continue that run")
             return
-        path = self.latest_checkpoint() if c.resume == "auto" else Path(c.resume)
-        if path is not None:
-            self.load_checkpoint(path)
+        if c.resume != "auto":
+            self.load_checkpoint(Path(c.resume))
+            return
+        damaged = []
+        for path in checkpoint_candidates(self.ckpt_dir) if self.ckpt_dir.is_dir() else []:
+            try:
+                self.load_checkpoint(path)
+            except DamagedCheckpoint as e:  # a crash mid-write: the previous one is intact
+                damaged.append(str(e))
+                print(f"harc: {e}; trying the previous checkpoint", file=sys.stderr)
+                continue
+            if damaged:
+                self._log({"event": "damaged_checkpoints", "step": self.step, "skipped": damaged})
+            return
+        if damaged:
+            raise HarcError(f"no intact checkpoint in {self.ckpt_dir} ({len(damaged)} damaged); "
+                            "delete that folder to train from the start")
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore everything `save_checkpoint` wrote; the next step continues exactly."""
-        path = Path(path)
-        state_file = path / "trainer_state.json"
-        if not state_file.is_file():
-            raise HarcError(f"{path} is not a harc checkpoint (no trainer_state.json)")
-        st = json.loads(state_file.read_text())
-        mine, theirs = to_dict(self.cfg), st["config"]
+        """Restore everything `save_checkpoint` wrote; the next step continues exactly.
+        Raises DamagedCheckpoint, before restoring anything, if a file cannot be read."""
+        ck = read_checkpoint(Path(path))
+        st = ck.state
+        mine, theirs = to_dict(self.cfg), st.get("config", {})
         free = type(self.cfg).resume_free
         diff = sorted(k for k in set(mine) | set(theirs)
                       if k not in free and mine.get(k) != theirs.get(k))
         if diff:
             raise HarcError(f"cannot resume from {path}: config keys changed since: {diff}; "
                             "restore them or start a new output_dir")
-        adapter = path / "adapter"
-        weights = load_file(str(next(adapter.glob("adapter_model*.safetensors"))))
-        result = set_peft_model_state_dict(self.model, weights)
+        result = set_peft_model_state_dict(self.model, ck.adapter)
         if getattr(result, "unexpected_keys", None):
             raise HarcError(f"checkpoint adapter does not fit this model: {result.unexpected_keys[:3]}")
-        load_optimizer(self.optimizer, path / "optimizer.safetensors", st, self.device)
-        self.scheduler.load_state_dict(st["scheduler"])
-        load_rng(path / "rng.safetensors", st["python_rng"])
-        self.method.load(path, st["method"])
+        try:
+            load_optimizer(self.optimizer, ck.optimizer, st, self.device)
+            self.scheduler.load_state_dict(st["scheduler"])
+            load_rng(ck.rng, st["python_rng"])
+            self.method.load(ck.path, st["method"])
+        except (KeyError, ValueError, RuntimeError, OSError, HarcError) as e:
+            raise DamagedCheckpoint(f"checkpoint {path} is damaged ({type(e).__name__}: "
+                                    f"{str(e)[:120]})") from None
         self.step = int(st["step"])
         self.skipped = int(st.get("skipped", 0))
-        # Drop log records from after the checkpoint (written before the interruption).
+        # Drop log records from after the checkpoint (written before the interruption) and a
+        # last line an interruption cut short.
         if self.log_path.is_file():
-            keep = [line for line in self.log_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step
-                    and json.loads(line).get("event") != "end"]
+            keep = []
+            for line in self.log_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("step", 0) <= self.step and rec.get("event") != "end":
+                    keep.append(line)
             atomic_write_text(self.log_path, "".join(x + "\n" for x in keep))
         self._log({"event": "resume", "step": self.step, "checkpoint": str(path)})
