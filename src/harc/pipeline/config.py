@@ -15,6 +15,7 @@ from harc.eval.attacks import ATTACKS
 from harc.eval.config import EvalConfig
 from harc.eval.filters import FILTERS
 from harc.eval.judges import JUDGES
+from harc.eval.judges.check import load_labelled
 from harc.methods import TrainConfig, config_from_raw
 
 
@@ -89,6 +90,8 @@ def check_plugins(ev: EvalConfig, run: RunSettings | None = None) -> None:
             FILTERS.create(name, **params)
         for name in run.plane_attacks:
             ATTACKS.get(name)
+        for spec in run.judge_data:  # read now: a bad path must not wait for the report
+            load_labelled(spec, "skip")
 
 
 @dataclass
@@ -97,6 +100,7 @@ class RunConfig:
     eval: EvalConfig
     run: RunSettings
     out: Path
+    trust_remote_code: bool = False  # `--trust-remote-code`: run the model repository's code
 
 
 def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:
