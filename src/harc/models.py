@@ -355,12 +355,11 @@ def load_model(
             raise HarcError(f"{spec} has no safetensors weights; harc does not load pickled "
                             "(.bin/.pt) weights: convert them to safetensors first") from e
         raise HarcError(f"could not load model {spec!r}: {first}") from e
-    except ValueError as e:
+    except ValueError as e:  # transformers' word for files it cannot use
         if "trust_remote_code" in str(e):
             raise HarcError(f"{spec} needs custom code; pass --trust-remote-code if you trust it") from e
-        if gguf:
-            raise HarcError(f"{spec} is not a readable GGUF model: {str(e).splitlines()[0]}") from e
-        raise
+        what = "a readable GGUF model" if gguf else "a loadable model"
+        raise HarcError(f"{spec} is not {what}: {(str(e).splitlines() or [''])[0][:160]}") from e
     except Exception as e:
         if gguf:  # the GGUF reader fails with struct, key and index errors on a damaged file
             raise HarcError(f"{spec} is not a readable GGUF model ({type(e).__name__}); "

@@ -37,7 +37,6 @@ def run(argv: Sequence[str] | None = None) -> int:
     try:
         rc = app(args=list(argv) if argv is not None else None, standalone_mode=False,
                  prog_name="harc")
-        return rc if isinstance(rc, int) else 0
     except (KeyboardInterrupt, *exc.abort) as e:
         if isinstance(e, exc.abort) and not isinstance(e.__context__, KeyboardInterrupt):
             # click turns Ctrl-C into Abort (its cause); anything else is the end of input
@@ -46,8 +45,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             return _fail("aborted (end of input)", 1)
         if debug:
             raise
-        return _fail("interrupted; finished stages, checkpoints and cached generations are "
-                     "kept: run the same command again to continue", INTERRUPTED)
+        return _interrupted()
     except exc.usage as e:
         if debug:
             raise
@@ -73,6 +71,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             return _fail("out of GPU memory: lower batch_size (or max_prompt_tokens) and run "
                          "again", 1)
         raise
+    # Recent typer turns Ctrl-C into a silent exit code 130 instead of raising.
+    return _interrupted() if rc == INTERRUPTED else rc if isinstance(rc, int) else 0
+
+
+def _interrupted() -> int:
+    return _fail("interrupted; finished stages, checkpoints and cached generations are kept: "
+                 "run the same command again to continue", INTERRUPTED)
 
 
 def _fail(message: str, code: int) -> int:

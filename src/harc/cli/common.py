@@ -164,8 +164,12 @@ def load_prompts(spec: str, limit: int | None = None) -> list[str]:
     if path.suffix == ".txt":
         if not path.is_file():
             raise HarcError(f"prompt file not found: {path}")
-        prompts = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
-                   if ln.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise HarcError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8"
+                            ) from None
+        prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
     else:
         prompts = [r["prompt"] for r in load(spec, limit=None)]
     if not prompts:

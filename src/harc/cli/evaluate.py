@@ -75,11 +75,11 @@ def eval_(
             raise HarcError(f"the latent filter calibrates on {heldout}, which is missing; "
                             "re-run `harc extract` or `harc run`, which write it beside the "
                             "directions")
+    if len({p.name for p in adapter or []}) < len(adapter or []):
+        raise UsageError("two --adapter folders share a name; their results would collide")
     base_ident = peek_identity(model)
     for path in adapter or []:
         read_adapter(path, base_ident)
-    if len({p.name for p in adapter or []}) < len(adapter or []):
-        raise UsageError("two --adapter folders share a name; their results would collide")
     data = load_eval_data(cfg)
     writable_output(out_dir)
 
@@ -96,11 +96,10 @@ def eval_(
     dirs = Directions.load(directions, m) if directions else None
     layer = None
     if dirs is not None:
-        chosen = select_layers(dirs, k)
-        if not chosen:
-            raise HarcError(f"no layer of this {dirs.n_slots - 1}-layer model can be selected "
-                            f"with k={k}; lower --k")
-        layer = plane_layer(chosen)
+        try:
+            layer = plane_layer(select_layers(dirs, k))
+        except ValueError as e:  # fewer layers in the band than k
+            raise HarcError(f"{e} (this model has {dirs.n_slots - 1} layers)") from None
     val = read_json(heldout, "held-out file") if heldout is not None and heldout.is_file() else {}
 
     def bind(name: str, model_):
@@ -132,6 +131,20 @@ def eval_(
     out.print(f"`harc report {path}` renders it as HTML", highlight=False, soft_wrap=True)
 
 
+def _check_results(data, path: Path) -> None:
+    """A results file with nothing to report is an error, not a nearly empty page."""
+    runs = data.get("runs") if isinstance(data, dict) else None
+    if not isinstance(runs, list) or not runs:
+        raise HarcError(f"{path} holds no runs to report; give the results.json of `harc eval` "
+                        "or `harc run`")
+    for i, r in enumerate(runs):
+        if not (isinstance(r, dict) and isinstance(r.get("name"), str)
+                and isinstance(r.get("attacks"), dict) and r["attacks"]
+                and all(isinstance(a, dict) for a in r["attacks"].values())):
+            raise HarcError(f"{path}: run {i + 1} is malformed (it needs a name and its attacks' "
+                            "results); re-run the evaluation that wrote it")
+
+
 def _print_summary(results: dict, where: dict, seconds: float) -> None:
     from harc.cli.summary import summary_lines
 
@@ -151,6 +164,7 @@ def report(
 
     if not results.is_file():
         raise HarcError(f"results file not found: {results}; `harc eval` or `harc run` writes it")
+    _check_results(read_json(results, "results file"), results)
     target = out_dir or results.parent
     writable_output(target, 20)
     paths = write_report(results, target)

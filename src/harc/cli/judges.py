@@ -22,9 +22,9 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-@app.command("judge-check")
+@app.command("judge-check", epilog=f"Judges: {', '.join(JUDGES.names())}.")
 def judge_check_cmd(
-    judge: Annotated[str, typer.Argument(help=f"judge name ({', '.join(JUDGES.names())})")] = "refusal_string",
+    judge: Annotated[str, typer.Argument(help="judge name (listed below)")] = "refusal_string",
     data: Annotated[list[str] | None, typer.Option(
         "--data", help="'pyrit', an XSTest completions CSV or folder, or a CSV/JSONL of "
         "prompt,response,refused; repeatable")] = None,
