@@ -103,11 +103,16 @@ def temp_dir(parent: str | Path, name: str) -> Path:
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
-    """Publish a finished folder: fsync its files, swap it in for `target` (an existing one is
-    moved aside, then removed) and fsync the parent."""
-    for root, _, names in os.walk(tmp):
+    """Publish a finished folder: fsync its files and give them umask permissions (libraries
+    such as safetensors write theirs 0600), swap it in for `target` (an existing one is moved
+    aside, then removed) and fsync the parent."""
+    mask = _umask()
+    for root, dirs, names in os.walk(tmp):
         for name in names:
             _fsync_file(Path(root) / name)
+            os.chmod(Path(root) / name, 0o666 & ~mask)
+        for name in dirs:
+            os.chmod(Path(root) / name, 0o777 & ~mask)
         fsync_dir(root)
     old = None
     if target.exists():

@@ -184,6 +184,7 @@ class Trainer:
         remove_stale_temps(self.ckpt_dir)
         self._maybe_resume()
         if self.step == 0:
+            self.log_path.unlink(missing_ok=True)  # of a run that died before its 1st checkpoint
             atomic_write_json(self.out / "config.json", to_dict(c))
             self._log({"event": "start", "step": 0, "method": c.method,
                        "trainable_params": sum(p.numel() for p in self.params),
