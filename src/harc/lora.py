@@ -20,6 +20,7 @@ from harc.models import (
     DEFAULT_TARGET_MODULES,
     check_identity,
     model_identity,
+    split_revision,
     unwrap,
 )
 
@@ -143,7 +144,8 @@ def read_adapter(adapter_dir: str | Path, ident: dict | None = None) -> dict:
         raise HarcError(f"{adapter_dir}: a JSON file is malformed ({e})") from None
     if ident is not None:
         want = acfg.get("base_model_name_or_path") or ""
-        known = {ident["model"], *ident.get("aliases", ())}
+        known = {ident["model"], split_revision(ident["model"] or "")[0],
+                 *ident.get("aliases", ())}
         spec = BUILTIN_MODELS.get(ident["model"] or "")
         if spec:
             known.add(spec.hf_id)

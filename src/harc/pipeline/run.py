@@ -234,9 +234,11 @@ class Pipeline:
                                             self.plane_layer, rs.batch_size)}
             write_plots(self.geo, st.dir, plane)
             write_diagnosis(st.dir, self.geo, held, plane)
-            st.finish({"latent_threshold": self._latent_threshold()})
+            # Only the latent judge reads the threshold: without it, 128 forwards are saved.
+            st.finish({"latent_threshold": self._latent_threshold() if self.ev.latent_judge
+                       else None})
         self.latent_threshold = st.record.get("latent_threshold")
-        if "latent_threshold" not in st.record:  # finished by an older version
+        if self.ev.latent_judge and self.latent_threshold is None:  # diagnosed without it
             self.latent_threshold = self._latent_threshold()
 
     def _latent_threshold(self) -> float:
