@@ -160,7 +160,9 @@ class Pipeline:
                 self.model, self.chat, harm, safe, max_new_tokens=rs.synth_tokens,
                 batch_size=rs.batch_size, progress=self.progress("synth", 3 * n_syn))
             answers = generate(self.model, self.chat, pseudo, max_new_tokens=rs.synth_tokens,
-                               batch_size=rs.batch_size)
+                               batch_size=rs.batch_size,
+                               progress=self.progress("synth: pseudo-harmful answers",
+                                                      len(pseudo)))
             pseudo_pairs, pseudo_refused = answered_pairs(pseudo, answers)
             write_jsonl(st.dir / "triples.jsonl", triples)
             write_jsonl(st.dir / "helpful.jsonl", helpful)
@@ -229,9 +231,12 @@ class Pipeline:
             for name in rs.plane_attacks:
                 plane_sets[name] = [p.prompt for p in get_attack(name).apply(
                     [{"prompt": p} for p in self.val_h])]
-            plane = {"layer": self.plane_layer,
-                     "points": plane_points(self.model, self.eval_chat, self.dirs, plane_sets,
-                                            self.plane_layer, rs.batch_size)}
+            points = {}
+            for name, prompts in plane_sets.items():  # one line each: long templates take time
+                self.log(f"diagnose: {len(prompts)} {name} prompts on the plane")
+                points.update(plane_points(self.model, self.eval_chat, self.dirs,
+                                           {name: prompts}, self.plane_layer, rs.batch_size))
+            plane = {"layer": self.plane_layer, "points": points}
             write_plots(self.geo, st.dir, plane)
             write_diagnosis(st.dir, self.geo, held, plane)
             # Only the latent judge reads the threshold: without it, 128 forwards are saved.
@@ -334,9 +339,12 @@ class Pipeline:
         path = st.dir / "directions.safetensors"
         if not self._reuse(st):
             self.log("re-extracting the directions with the adapter on")
+            pa = self.pairs_args
+            total = (len(self.ext_h) + len(self.ext_b) + len(pa["harmful_completions"])
+                     + len(pa["refusals"]) + len(pa["helpful"]))
             after = extract_directions(self.peft_model, self.chat, harmful=self.ext_h,
                                        harmless=self.ext_b, n_boot=cfg.n_boot, seed=cfg.seed,
-                                       **self.pairs_args)
+                                       progress=self.progress("geometry after", total), **pa)
             after.save(path)
             st.finish()
         return geometry(Directions.load(path), k=cfg.k_final, score=cfg.layer_score,
