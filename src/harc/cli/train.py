@@ -71,8 +71,7 @@ def run(
 
     t0 = time.monotonic()
     rc = load_run_config(config, overrides or [])
-    rc.trust_remote_code = trust_remote_code
-    writable_output(rc.out, 200)
+    rc.trust_remote_code = trust_remote_code  # the pipeline checks its folder before loading
     quiet_transformers()
     with progress_bars() as progress:
         paths = run_pipeline(rc, log=stage_logger(), progress=progress)
