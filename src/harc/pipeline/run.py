@@ -150,7 +150,11 @@ class Pipeline:
         n_syn = min(rs.n_synth, len(harmful_pool))
         harm = [r["prompt"] for r in harmful_pool[:n_syn]]
         safe = [r["prompt"] for r in (sets["harmless_extract"] + sets["harmless_train"])[:n_syn]]
-        pseudo = [r["prompt"] for r in self.pseudo["train"]]
+        # Pseudo-harmful answers only as many as training draws (none when the config names its
+        # own set or draws none): a 24-step run used 24 of the 75 it once generated.
+        c = self.cfg
+        need = 0 if c.data.pseudo or not c.batch.pseudo else _draws(c, c.batch.pseudo)
+        pseudo = [r["prompt"] for r in self.pseudo["train"]][:need]
         st = self.synth_stage = Stage(self.root, "synth", [
             self.cfg.model, self.fingerprint, self.chat.template_hash(), harm, safe, pseudo,
             rs.synth_tokens])
@@ -162,7 +166,7 @@ class Pipeline:
             answers = generate(self.model, self.chat, pseudo, max_new_tokens=rs.synth_tokens,
                                batch_size=rs.batch_size,
                                progress=self.progress("synth: pseudo-harmful answers",
-                                                      len(pseudo)))
+                                                      len(pseudo))) if pseudo else []
             pseudo_pairs, pseudo_refused = answered_pairs(pseudo, answers)
             write_jsonl(st.dir / "triples.jsonl", triples)
             write_jsonl(st.dir / "helpful.jsonl", helpful)
@@ -217,7 +221,7 @@ class Pipeline:
         self.geo = geometry(self.dirs, k=k, score=cfg.layer_score, low=cfg.band[0],
                             high_offset=cfg.band[1])
         st = Stage(self.root, "diagnose", [self.extract_stage.hash, k, cfg.layer_score, cfg.band,
-                                           self.val_h, self.val_b, rs.plane_attacks])
+                                           self.val_h, self.val_b, rs.plane_attacks, rs.plane_n])
         layers = self.geo["selected_layers"]
         if not layers:
             raise HarcError(f"no layer selected: k_final={k} with band {cfg.band} on a model of "
@@ -227,10 +231,11 @@ class Pipeline:
             self.log(f"diagnosing: selected layers {layers}")
             held = heldout_check(self.model, self.chat, self.dirs, self.val_h, self.val_b, layers,
                                  rs.batch_size)
-            plane_sets = {"harmless": self.val_b, "harmful (direct)": self.val_h}
+            val_h, val_b = self.val_h[: rs.plane_n], self.val_b[: rs.plane_n]
+            plane_sets = {"harmless": val_b, "harmful (direct)": val_h}
             for name in rs.plane_attacks:
                 plane_sets[name] = [p.prompt for p in get_attack(name).apply(
-                    [{"prompt": p} for p in self.val_h])]
+                    [{"prompt": p} for p in val_h])]
             points = {}
             for name, prompts in plane_sets.items():  # one line each: long templates take time
                 self.log(f"diagnose: {len(prompts)} {name} prompts on the plane")
@@ -398,6 +403,13 @@ def _geo_for_report(geo: dict) -> dict:
     if geo["band"]:
         out["band"] = [geo["band"][0], geo["band"][-1]]
     return out
+
+
+def _draws(cfg, per_micro_batch: int) -> int:
+    """Rows of one kind a training run draws (`MicroBatchSampler`: whole bucketing windows of
+    micro-batches)."""
+    width = cfg.bucket_window or cfg.grad_accum
+    return -(-cfg.steps * cfg.grad_accum // width) * width * per_micro_batch
 
 
 def _count(items) -> dict:
