@@ -24,7 +24,7 @@ def timed(*args: str) -> dict:
     """Run `harc ARGS` in a child process; wall time and the child's peak RSS."""
     t = time.time()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run([sys.executable, "-m", "harc.cli", *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "harc", *args], capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"harc {' '.join(args)} failed: {proc.stderr[-800:]}")
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench-extract")
     args = ap.parse_args()
     out = Path(args.out)
-    subprocess.run([sys.executable, "-m", "harc.cli", "fetch-model", "smollm2-135m-instruct"],
+    subprocess.run([sys.executable, "-m", "harc", "fetch-model", "smollm2-135m-instruct"],
                    check=True, capture_output=True)
     rec = {"machine": f"{platform.machine()} CPU, {__import__('os').cpu_count()} cores",
            "model": "smollm2-135m-instruct"}

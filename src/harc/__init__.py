@@ -6,40 +6,44 @@ The public API; everything else lives in the layered packages below it (docs/arc
     model, tok = harc.load_model("smollm2-135m-instruct")
     cfg = harc.load_config("configs/smollm2_135m.yaml", ["steps=10"])
     adapter = harc.Trainer(cfg, model, tok, harc.load_data(cfg)).train()
+
+Names are imported on first use (PEP 562), so `import harc.errors` or `harc --help` does not pay
+for torch, transformers and peft.
 """
 
-from harc._version import __version__
-from harc.chat import ChatFormat
-from harc.config import apply_overrides, build
-from harc.directions import Directions, extract_directions
-from harc.errors import HarcError
-from harc.eval import EvalConfig, Evaluator, load_eval_data
-from harc.eval.attacks import Attack, Probe, get_attack, register_attack
-from harc.eval.filters import Filter, get_filter, register_filter
-from harc.eval.judges import Judge, Verdict, get_judge, register_judge
-from harc.export import export_adapter, merge_adapter
-from harc.geometry import geometry
-from harc.layers import layer_scores, select_layers
-from harc.lora import load_adapter
-from harc.methods import (
-    Method,
-    TrainConfig,
-    Trainer,
-    load_config,
-    load_data,
-    register_method,
-)
-from harc.methods.harc import HarcConfig
-from harc.models import load_model
-from harc.pipeline import load_run_config, run_pipeline
-from harc.report import write_report
+import importlib
 
-__all__ = [
-    "Attack", "ChatFormat", "Directions", "EvalConfig", "Evaluator", "Filter", "HarcConfig",
-    "HarcError", "Judge", "Method", "Probe", "TrainConfig", "Trainer", "Verdict", "__version__",
-    "apply_overrides", "build", "export_adapter", "extract_directions", "geometry", "get_attack",
-    "get_filter", "get_judge", "layer_scores", "load_adapter", "load_config", "load_data",
-    "load_eval_data", "load_model", "load_run_config", "merge_adapter", "register_attack",
-    "register_filter", "register_judge", "register_method", "run_pipeline", "select_layers",
-    "write_report",
-]
+from harc._version import __version__ as __version__
+
+_WHERE = {
+    "ChatFormat": "harc.chat", "apply_overrides": "harc.config", "build": "harc.config",
+    "Directions": "harc.directions", "extract_directions": "harc.directions",
+    "HarcError": "harc.errors", "EvalConfig": "harc.eval", "Evaluator": "harc.eval",
+    "load_eval_data": "harc.eval", "Attack": "harc.eval.attacks", "Probe": "harc.eval.attacks",
+    "get_attack": "harc.eval.attacks", "register_attack": "harc.eval.attacks",
+    "Filter": "harc.eval.filters", "get_filter": "harc.eval.filters",
+    "register_filter": "harc.eval.filters", "Judge": "harc.eval.judges",
+    "Verdict": "harc.eval.judges", "get_judge": "harc.eval.judges",
+    "register_judge": "harc.eval.judges", "export_adapter": "harc.export",
+    "merge_adapter": "harc.export", "geometry": "harc.geometry", "layer_scores": "harc.layers",
+    "select_layers": "harc.layers", "load_adapter": "harc.lora", "Method": "harc.methods",
+    "TrainConfig": "harc.methods", "Trainer": "harc.methods", "load_config": "harc.methods",
+    "load_data": "harc.methods", "register_method": "harc.methods",
+    "HarcConfig": "harc.methods.harc", "load_model": "harc.models",
+    "load_run_config": "harc.pipeline", "run_pipeline": "harc.pipeline",
+    "write_report": "harc.report",
+}
+
+__all__ = sorted([*_WHERE, "__version__"])
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'harc' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

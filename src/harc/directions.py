@@ -25,7 +25,7 @@ from harc.activations import (
 from harc.chat import ChatFormat
 from harc.errors import HarcError
 from harc.io import atomic_write, sha256_json
-from harc.models import model_identity
+from harc.models import check_identity, model_identity
 
 NAMES = ("v_harm", "v_ref", "v_harm_resp", "v_ref_resp")
 
@@ -83,13 +83,10 @@ class Directions:
     @classmethod
     def load(cls, path: str | Path, model=None) -> Directions:
         path = Path(path)
-        if not path.is_file():
-            raise HarcError(f"directions file not found: {path}; run `harc extract` first")
+        meta = read_meta(path)
         try:
             t = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                meta = json.loads((f.metadata() or {}).get("harc", "{}"))
-        except Exception as e:
+        except Exception as e:  # safetensors raises its own error type for damaged files
             raise HarcError(f"{path} is not a harc directions file: {e}") from e
         missing = [n for n in NAMES if n not in t]
         if missing:
@@ -102,6 +99,7 @@ class Directions:
         return d
 
     def check_fits(self, model) -> None:
+        """Refuse directions of another model: another shape, or (same shape) other weights."""
         ident = model_identity(model)
         want = (ident["n_layers"] + 1, ident["hidden_size"])
         got = tuple(self.v_harm.shape)
@@ -110,6 +108,25 @@ class Directions:
                 f"directions {got} come from another model ({self.meta.get('model')}); this model "
                 f"needs {want}: re-run `harc extract` on {ident['model']}"
             )
+        check_identity(self.meta, ident, "the directions", f"re-run `harc extract` on {ident['model']}")
+
+
+def read_meta(path: str | Path) -> dict:
+    """The provenance of a directions file (the model identity it was extracted from, ...),
+    read from the header alone: checks can run before any model is loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise HarcError(f"directions file not found: {path}; run `harc extract` first")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("harc", "{}"))
+            names = set(f.keys())
+    except Exception as e:  # safetensors raises its own error type for damaged files
+        raise HarcError(f"{path} is not a harc directions file "
+                        f"({str(e).splitlines()[0][:100]})") from None
+    if not set(NAMES) <= names or not isinstance(meta, dict):
+        raise HarcError(f"{path} is not a harc directions file (it lacks the four directions)")
+    return meta
 
 
 def _unit(x: Tensor) -> tuple[Tensor, Tensor]:

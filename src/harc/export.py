@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,9 +19,8 @@ from harc.eval.results import (
     over_refusal_rate,
     run_label,
 )
-from harc.io import atomic_write, atomic_write_text
+from harc.io import atomic_write, atomic_write_text, replace_dir, temp_dir
 from harc.lora import base_model_ids, load_adapter, merge_and_check
-from harc.methods.checkpoint import replace_dir
 from harc.models import BUILTIN_MODELS, load_model, resolve_model_path
 
 TAGS = ["harc", "safety", "lora", "jailbreak-robustness"]
@@ -176,7 +174,7 @@ def merge_adapter(model_spec: str, adapter_dir: str | Path, out_dir: str | Path,
         dtype = getattr(torch, dtype)
     try:  # before the model loads: an unwritable destination fails first
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+        tmp = temp_dir(out_dir.parent, out_dir.name)
     except OSError as e:
         raise HarcError(f"cannot write the merged model next to {out_dir}: {e.strerror}; "
                         "choose another --out") from e

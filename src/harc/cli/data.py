@@ -11,17 +11,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harc.chat import ChatFormat
+from harc.cli.common import DeviceOpt, DtypeOpt, TrustOpt, load_quietly, writable_output
 from harc.cli.common import app as main_app
 from harc.data import registry
 from harc.data.loaders import load
 from harc.data.profile import default_sets
 from harc.data.profile import fetch as fetch_sets
-from harc.errors import HarcError
-from harc.models import load_model
-from harc.synth import synth_triples, write_jsonl
+from harc.errors import HarcError, UsageError
 
-app = typer.Typer(help="Datasets: list, show, fetch, synth.", no_args_is_help=True)
+app = typer.Typer(help="Datasets: list, show, fetch, synth.", no_args_is_help=True,
+                  rich_markup_mode=None)
 main_app.add_typer(app, name="data")
 console = Console()
 
@@ -31,7 +30,7 @@ def list_(kind: Annotated[str | None, typer.Option("--kind", "-k", help="only th
           ) -> None:
     """Registered datasets: kind, source, license."""
     if kind is not None and kind not in registry.KINDS:
-        raise HarcError(f"unknown kind {kind!r}; one of {sorted(registry.KINDS)}")
+        raise UsageError(f"unknown kind {kind!r}; one of {sorted(registry.KINDS)}")
     defaults = set(default_sets().names())
     table = Table("name", "kind", "source", "license", "description", show_lines=False)
     for e in registry.entries(kind):
@@ -91,13 +90,24 @@ def synth(
     n: Annotated[int, typer.Option(min=1, help="prompts per side")] = 50,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens per generated text")] = 64,
     raw_template: Annotated[str | None, typer.Option(help="'qwen', 'llama' or a string with {}")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts per generation batch")] = 16,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("runs/synth"),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """On-policy (prompt, refusal, completion) triples and benign answers from the model itself."""
+    from harc.chat import ChatFormat
+    from harc.models import peek_identity
+    from harc.synth import synth_triples, write_jsonl
+
     harm = [r["prompt"] for r in load(harmful, limit=n)]
     safe = [r["prompt"] for r in load(harmless, limit=n)]
-    m, tok = load_model(model)
+    if not harm or not safe:
+        raise HarcError(f"{harmful if not harm else harmless} holds no prompts")
+    peek_identity(model)
+    writable_output(out)
+    m, tok = load_quietly(model, device, dtype, trust_remote_code)
     t = time.time()
     with console.status(f"generating with {model}"):
         triples, helpful = synth_triples(m, ChatFormat(tok, raw_template=raw_template), harm, safe,

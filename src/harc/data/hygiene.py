@@ -215,3 +215,21 @@ def split(records: Sequence, fractions: Sequence[float | int] = (0.6, 0.2, 0.2),
         chosen[k].extend(c)
     parts = {n: [records[i] for i in sorted(idx)] for n, idx in zip(names, chosen, strict=True)}
     return Split(parts, overlap_counts(parts, field=field, threshold=threshold), dropped)
+
+
+def sample_across(records: Sequence[dict], n: int, key: str = "category", seed: int = 0
+                  ) -> list[dict]:
+    """`n` records spread evenly over the values of `key` (round robin over the kinds, each kind
+    in a seeded order), so a small sample is not all of the first kind in the file."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault(r.get(key), []).append(r)
+    rng = random.Random(seed)
+    for g in groups.values():
+        rng.shuffle(g)
+    out: list[dict] = []
+    while len(out) < min(n, len(records)):
+        for g in groups.values():
+            if g and len(out) < n:
+                out.append(g.pop(0))
+    return out

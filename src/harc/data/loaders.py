@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,9 @@ def _resolve_columns(kind: str, columns: Iterable[str], field_map: Mapping[str, 
     return out
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _text(value: Any) -> str | None:
     if isinstance(value, str):
         return value.strip()
@@ -243,6 +247,10 @@ def _records(rows: Iterable[tuple[str, dict]], origin: str, kind: str, columns: 
                                 f"{type(raw).__name__}")
             if not value and f in required:
                 raise HarcError(f"{origin}, {loc}: {label} is blank")
+            if _SURROGATE.search(value):  # from a JSON "\\ud800" escape: no tokenizer takes it
+                raise HarcError(f"{origin}, {loc}: {label} holds a lone surrogate "
+                                f"({_SURROGATE.search(value).group()!r}), not valid Unicode; "
+                                "fix the text")
             if value:
                 rec[f] = value
         yield {f: rec[f] for f in required + optional if f in rec}

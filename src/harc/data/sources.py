@@ -90,7 +90,10 @@ def _missing_offline(what: str) -> HarcError:
 
 
 def url_file(url: str, *, sha256: str | None = None) -> Path:
-    """A URL's content in the cache (`urls/<hash of url>/<basename>`), verified."""
+    """A URL's content in the cache (`urls/<hash of url>/<basename>`), verified.
+
+    Without a pinned `sha256`, the hash of the first download is recorded and enforced on every
+    later download too: a file on a moving branch cannot change silently after first use."""
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     name = PurePosixPath(url.split("?", 1)[0]).name or "download"
     target = cache_dir() / "urls" / key / name
@@ -99,26 +102,31 @@ def url_file(url: str, *, sha256: str | None = None) -> Path:
     if offline():
         raise _missing_offline(url)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         req = urllib.request.Request(url, headers={"User-Agent": "harc"})
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=_TIMEOUT_S) as resp:
             while block := resp.read(1 << 20):
                 out.write(block)
+        got = sha256_file(tmp)
+        record = _record_path(target)
+        if sha256 is not None and got != sha256:
+            raise HarcError(f"{url} does not match its pinned sha256 (got {got[:12]}...): the "
+                            "upstream file changed or the download was damaged")
+        if sha256 is None and record.exists() and got != (first := record.read_text().strip()):
+            raise HarcError(f"{url} changed upstream since its first download (sha256 "
+                            f"{first[:12]}... then, {got[:12]}... now); check the new file, then "
+                            f"delete {record} to accept it")
+        return _keep(tmp, target)
     except urllib.error.HTTPError as e:
-        tmp.unlink(missing_ok=True)
         raise HarcError(f"could not download {url} (HTTP {e.code} {e.reason})") from None
     except (urllib.error.URLError, OSError) as e:
-        tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
         raise HarcError(f"could not download {url} ({reason}); check the network or proxy, "
                         "or download it yourself and pass the file path") from None
-    if sha256 is not None and (got := sha256_file(tmp)) != sha256:
-        tmp.unlink()
-        raise HarcError(f"{url} does not match its pinned sha256 (got {got[:12]}...): the "
-                        "upstream file changed or the download was damaged")
-    return _keep(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +165,10 @@ def _project(row: dict, nested: tuple[str, ...]) -> dict:
 
 
 def hub_file(src: Hub, nested: tuple[str, ...] = ()) -> Path:
-    """Stream a hub split once and cache its projected rows as JSON lines."""
+    """Stream a hub split once and cache its projected rows as JSON lines.
+
+    The dataset's revision is pinned: the entry's own, else the commit the first download read
+    (recorded beside the cache), so a re-download after cache damage reads the same rows."""
     key = sha256_json([src.dataset, src.config, src.split, src.revision, nested, src.max_rows])
     folder = cache_dir() / "hub" / src.dataset.replace("/", "__")
     target = folder / f"{src.config or 'default'}-{src.split}-{key[:12]}.jsonl"
@@ -173,20 +184,37 @@ def hub_file(src: Hub, nested: tuple[str, ...] = ()) -> Path:
                         "install 'harc[hub]' (or export it to a local file and pass the path)"
                         ) from None
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, suffix=".part")
+    pin = target.with_name(target.name + ".revision")
+    revision = src.revision or (pin.read_text().strip() if pin.exists() else None) \
+        or _hub_head(src.dataset)
+    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             # streaming reads only the rows we keep instead of the whole split
             rows = datasets.load_dataset(src.dataset, src.config, split=src.split,
-                                         revision=src.revision, streaming=True)
+                                         revision=revision, streaming=True)
             for i, row in enumerate(rows):
                 if src.max_rows is not None and i >= src.max_rows:
                     break
                 out.write(json.dumps(_project(dict(row), nested), ensure_ascii=False) + "\n")
+        _keep(tmp, target)
     except Exception as e:  # the hub client raises many types; all mean "could not get it"
-        tmp.unlink(missing_ok=True)
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise HarcError(f"could not load {what} ({type(e).__name__}: {first}); check the "
                         "network, or export it to a local file and pass the path") from None
-    return _keep(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if revision:
+        atomic_write_text(pin, revision + "\n")
+    return target
+
+
+def _hub_head(dataset: str) -> str | None:
+    """The commit a hub dataset's main branch is at now (None if the hub cannot say)."""
+    try:
+        from huggingface_hub import HfApi
+
+        return HfApi().dataset_info(dataset).sha
+    except Exception:  # offline, rate-limited, or no hub client: the download tells the user
+        return None

@@ -1,8 +1,21 @@
 """Evaluation: attacks, judges and policy layers (plugins), the engine that runs a policy through
-them, and the accessors that read its results."""
+them, and the accessors that read its results.
 
-from harc.eval.config import EvalConfig
-from harc.eval.data import load_eval_data
-from harc.eval.engine import Evaluator, GenerationCache, adapter_fingerprint
+The engine (torch) is imported on first use, so the plugin registries stay cheap to import.
+"""
+
+import importlib
+
+_WHERE = {"EvalConfig": "harc.eval.config", "load_eval_data": "harc.eval.data",
+          "Evaluator": "harc.eval.engine", "GenerationCache": "harc.eval.engine",
+          "adapter_fingerprint": "harc.eval.engine"}
 
 __all__ = ["EvalConfig", "Evaluator", "GenerationCache", "adapter_fingerprint", "load_eval_data"]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'harc.eval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from harc.data import load
+from harc.data import load, sample_across
 from harc.errors import HarcError
 from harc.eval.config import EvalConfig
 
@@ -17,7 +17,9 @@ def load_eval_data(cfg: EvalConfig) -> dict:
         "over_refusal": {n: [r["prompt"] for r in load(n, limit=cfg.n_over_refusal)]
                          for n in cfg.over_refusal},
         "benign": [r["prompt"] for r in load(cfg.benign, limit=cfg.n_benign)],
-        "capability": load(cfg.capability, limit=cfg.n_capability) if cfg.capability else [],
+        # spread over the item kinds: the file's first items are all arithmetic
+        "capability": (sample_across(load(cfg.capability), cfg.n_capability)
+                       if cfg.capability else []),
     }
     for name, items in [("harmful", data["harmful"]), ("benign", data["benign"])]:
         if not items:

@@ -11,11 +11,14 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from harc.errors import HarcError
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class ChatEndpoint:
@@ -28,6 +31,10 @@ class ChatEndpoint:
         self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.model, self.system = model, system
         self.api_key = api_key or os.environ.get("HARC_API_KEY")
+        host = (urllib.parse.urlsplit(base).hostname or "").lower()
+        if self.api_key and base.startswith("http://") and host not in _LOCAL_HOSTS:
+            raise HarcError(f"endpoint {base_url!r} would receive the API key unencrypted: use "
+                            "https://, or plain http:// only to localhost")
         self.max_tokens, self.temperature = max_tokens, temperature
         self.timeout, self.retries, self.concurrency = timeout, retries, max(1, concurrency)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from safetensors.torch import load_file
 from torch import Tensor
 
 from harc._version import __version__
@@ -34,14 +34,16 @@ from harc.chat import ChatFormat
 from harc.config import to_dict
 from harc.distributed import World
 from harc.errors import HarcError
-from harc.io import atomic_write_json, atomic_write_text
+from harc.io import append_line, atomic_dir, atomic_write_json, atomic_write_text, remove_stale_temps
 from harc.lora import attach_lora, make_portable
 from harc.methods.base import METHODS, Method
 from harc.methods.batching import MicroBatchSampler, collate
 from harc.methods.checkpoint import (
+    DamagedCheckpoint,
+    checkpoint_candidates,
     load_optimizer,
     load_rng,
-    replace_dir,
+    read_checkpoint,
     save_optimizer,
     save_rng,
     seed_all,
@@ -200,9 +202,13 @@ class Trainer:
         """Train to `config.steps` (resuming if asked); returns the final adapter folder."""
         c = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main:  # temporaries of writes an interruption cut short (never read)
+            remove_stale_temps(self.out)
+            remove_stale_temps(self.ckpt_dir)
         self._maybe_resume()
         if self.step == 0:
             if self.world.is_main:
+                self.log_path.unlink(missing_ok=True)  # of a run that died before its 1st checkpoint
                 atomic_write_json(self.out / "config.json", to_dict(c))
             self._log({"event": "start", "step": 0, "method": c.method,
                        "trainable_params": sum(p.numel() for p in self.params),
@@ -257,8 +263,7 @@ class Trainer:
         if not self.world.is_main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec, default=float) + "\n")
+        append_line(self.log_path, json.dumps(rec, default=float))
 
     # ---- checkpoints
     @property
@@ -266,28 +271,25 @@ class Trainer:
         return self.out / "checkpoints"
 
     def latest_checkpoint(self) -> Path | None:
-        ptr = self.ckpt_dir / "latest"
-        if not ptr.is_file():
-            return None
-        path = self.ckpt_dir / ptr.read_text().strip()
-        return path if path.is_dir() else None
+        found = checkpoint_candidates(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+        return found[0] if found else None
 
     def save_adapter(self, target: Path, snap=None) -> Path:
         """The PEFT adapter plus harc_adapter.json (base identity, method state, config),
         atomically. Every rank calls it (or passes rank 0 its `Parallel.snapshot`); rank 0 writes."""
         snap = snap or self.parallel.snapshot()
-        if snap is None:
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        self.model.save_pretrained(str(tmp), safe_serialization=True, **snap.save_kwargs)
-        make_portable(tmp, model_identity(self.model)["model"])
-        (tmp / "harc_adapter.json").write_text(json.dumps(
+        if snap is not None:
+            with atomic_dir(target) as tmp:
+                self._write_adapter(tmp, snap)
+        return target
+
+    def _write_adapter(self, folder: Path, snap) -> None:
+        self.model.save_pretrained(str(folder), safe_serialization=True, **snap.save_kwargs)
+        make_portable(folder, model_identity(self.model)["model"])
+        (folder / "harc_adapter.json").write_text(json.dumps(
             {**model_identity(self.model), "harc_version": __version__, "step": self.step,
              "method": self.cfg.method, **self.method.adapter_meta(),
              "config": to_dict(self.cfg)}, indent=2, default=str))
-        replace_dir(tmp, target)
-        return target
 
     def save_checkpoint(self) -> Path:
         """Adapter, optimizer, scheduler, RNG, step and the method's state, written as one folder
@@ -297,19 +299,18 @@ class Trainer:
         snap = self.parallel.snapshot(self.optimizer)
         if snap is None:
             return self.ckpt_dir / name
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.ckpt_dir, prefix=f".{name}."))
-        self.save_adapter(tmp / "adapter", snap)
-        opt = save_optimizer(snap.optimizer, tmp / "optimizer.safetensors")
-        py_rng = save_rng(tmp / "rng.safetensors")
-        self.method.save(tmp)
-        (tmp / "trainer_state.json").write_text(json.dumps({
-            "step": self.step, "skipped": self.skipped, "method": self.method.state(), **opt,
-            "scheduler": self.scheduler.state_dict(), "python_rng": py_rng,
-            "config": to_dict(self.cfg), "harc_version": __version__,
-        }, default=str))
         target = self.ckpt_dir / name
-        replace_dir(tmp, target)
+        with atomic_dir(target) as tmp:
+            (tmp / "adapter").mkdir()
+            self._write_adapter(tmp / "adapter", snap)
+            opt = save_optimizer(snap.optimizer, tmp / "optimizer.safetensors")
+            py_rng = save_rng(tmp / "rng.safetensors")
+            self.method.save(tmp)
+            (tmp / "trainer_state.json").write_text(json.dumps({
+                "step": self.step, "skipped": self.skipped, "method": self.method.state(),
+                **opt, "scheduler": self.scheduler.state_dict(), "python_rng": py_rng,
+                "config": to_dict(self.cfg), "harc_version": __version__,
+            }, default=str))
         atomic_write_text(self.ckpt_dir / "latest", name)
         done = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir())
         for old in done[: -self.cfg.keep_checkpoints]:
@@ -323,41 +324,61 @@ class Trainer:
                 raise HarcError(f"{self.out} already holds checkpoints; choose another "
                                 "output_dir, or set resume=auto to continue that run")
             return
-        path = self.latest_checkpoint() if c.resume == "auto" else Path(c.resume)
-        self.parallel.same_on_every_rank(path and path.name, "checkpoints")
-        if path is not None:
-            self.load_checkpoint(path)
+        if c.resume != "auto":
+            self.load_checkpoint(Path(c.resume))
+            return
+        found = checkpoint_candidates(self.ckpt_dir) if self.ckpt_dir.is_dir() else []
+        self.parallel.same_on_every_rank(found and found[0].name, "checkpoints")
+        damaged = []
+        for path in found:
+            try:
+                self.load_checkpoint(path)
+            except DamagedCheckpoint as e:  # a crash mid-write: the previous one is intact
+                damaged.append(str(e))
+                print(f"harc: {e}; trying the previous checkpoint", file=sys.stderr)
+                continue
+            if damaged:
+                self._log({"event": "damaged_checkpoints", "step": self.step, "skipped": damaged})
+            return
+        if damaged:
+            raise HarcError(f"no intact checkpoint in {self.ckpt_dir} ({len(damaged)} damaged); "
+                            "delete that folder to train from the start")
 
     def load_checkpoint(self, path: Path) -> None:
-        """Restore everything `save_checkpoint` wrote; the next step continues exactly."""
-        path = Path(path)
-        state_file = path / "trainer_state.json"
-        if not state_file.is_file():
-            raise HarcError(f"{path} is not a harc checkpoint (no trainer_state.json)")
-        st = json.loads(state_file.read_text())
-        mine, theirs = to_dict(self.cfg), st["config"]
+        """Restore everything `save_checkpoint` wrote; the next step continues exactly.
+        Raises DamagedCheckpoint, before restoring anything, if a file cannot be read."""
+        ck = read_checkpoint(Path(path))
+        st = ck.state
+        mine, theirs = to_dict(self.cfg), st.get("config", {})
         free = type(self.cfg).resume_free
         diff = sorted(k for k in set(mine) | set(theirs)
                       if k not in free and mine.get(k) != theirs.get(k))
         if diff:
             raise HarcError(f"cannot resume from {path}: config keys changed since: {diff}; "
                             "restore them or start a new output_dir")
-        adapter = path / "adapter"
-        weights = load_file(str(next(adapter.glob("adapter_model*.safetensors"))))
-        result = self.parallel.load_adapter(weights)
+        result = self.parallel.load_adapter(ck.adapter)
         if getattr(result, "unexpected_keys", None):
             raise HarcError(f"checkpoint adapter does not fit this model: {result.unexpected_keys[:3]}")
-        load_optimizer(self.parallel.loadable(self.optimizer), path / "optimizer.safetensors", st,
-                       self.device)
-        self.scheduler.load_state_dict(st["scheduler"])
-        load_rng(path / "rng.safetensors", st["python_rng"])
-        self.method.load(path, st["method"])
+        try:
+            load_optimizer(self.parallel.loadable(self.optimizer), ck.optimizer, st, self.device)
+            self.scheduler.load_state_dict(st["scheduler"])
+            load_rng(ck.rng, st["python_rng"])
+            self.method.load(ck.path, st["method"])
+        except (KeyError, ValueError, RuntimeError, OSError, HarcError) as e:
+            raise DamagedCheckpoint(f"checkpoint {path} is damaged ({type(e).__name__}: "
+                                    f"{str(e)[:120]})") from None
         self.step = int(st["step"])
         self.skipped = int(st.get("skipped", 0))
-        # Drop log records from after the checkpoint (written before the interruption).
+        # Drop log records from after the checkpoint (written before the interruption) and a
+        # last line an interruption cut short.
         if self.log_path.is_file() and self.world.is_main:
-            keep = [line for line in self.log_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step
-                    and json.loads(line).get("event") != "end"]
+            keep = []
+            for line in self.log_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("step", 0) <= self.step and rec.get("event") != "end":
+                    keep.append(line)
             atomic_write_text(self.log_path, "".join(x + "\n" for x in keep))
         self._log({"event": "resume", "step": self.step, "checkpoint": str(path)})

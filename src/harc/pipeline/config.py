@@ -15,6 +15,7 @@ from harc.eval.attacks import ATTACKS
 from harc.eval.config import EvalConfig
 from harc.eval.filters import FILTERS
 from harc.eval.judges import JUDGES
+from harc.eval.judges.check import load_labelled
 from harc.methods import TrainConfig, config_from_raw
 
 
@@ -35,6 +36,8 @@ class RunSettings(Config):
     filters: policy layers evaluated as extra policies (names, or {"name": ..., **options}),
         alone and with HARC.
     plane_attacks: attack families placed on the harmfulness-refusal plane in diagnose.
+    plane_n: held-out prompts per family on that plane (null: all `data.val_n`); the held-out
+    check always uses all of them. Jailbreak templates are long: this bounds diagnose's cost.
     judge_data: human-labelled refusal sets (`harc judge-check --data` specs, e.g. an XSTest
     completions folder or "pyrit") on which the primary judge's accuracy is measured and reported.
     seed: seed of the de-duplicated, disjoint data splits.
@@ -53,11 +56,12 @@ class RunSettings(Config):
     batch_size: int = 16
     filters: list[str | dict] = Field(default_factory=list)
     plane_attacks: list[str] = Field(default_factory=lambda: ["dan", "code_attack", "deep_inception"])
+    plane_n: int | None = None
     judge_data: list[str] = Field(default_factory=list)
     seed: int = 0
 
     def check(self) -> None:
-        for key in ("n_extract", "n_synth", "synth_tokens", "batch_size"):
+        for key in ("n_extract", "n_synth", "synth_tokens", "batch_size", "plane_n"):
             value = getattr(self, key)
             self.need(value is None or value > 0, key, "must be positive")
 
@@ -89,6 +93,8 @@ def check_plugins(ev: EvalConfig, run: RunSettings | None = None) -> None:
             FILTERS.create(name, **params)
         for name in run.plane_attacks:
             ATTACKS.get(name)
+        for spec in run.judge_data:  # read now: a bad path must not wait for the report
+            load_labelled(spec, "skip")
 
 
 @dataclass
@@ -97,6 +103,7 @@ class RunConfig:
     eval: EvalConfig
     run: RunSettings
     out: Path
+    trust_remote_code: bool = False  # `--trust-remote-code`: run the model repository's code
 
 
 def load_run_config(path: str | Path | None, overrides: list[str]) -> RunConfig:

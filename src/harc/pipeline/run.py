@@ -2,7 +2,8 @@
 adapter -> geometry after -> report, one method per stage.
 
 Every stage writes its artifacts into one run folder with a `stage.json` holding the hash of its
-inputs; a stage whose hash matches is skipped (training resumes from its own checkpoints).
+inputs (the model's weights fingerprint among them); a stage whose hash matches is skipped, keeping
+the duration it took when it ran (training resumes from its own checkpoints).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from dataclasses import asdict
 from harc._version import __version__
 from harc.chat import ChatFormat
 from harc.config import to_dict
-from harc.data import dedupe_against, load, prepare_sets, split
+from harc.data import dedupe_against, load, prepare_sets, sample_across, split
 from harc.data.profile import DataProfile
 from harc.directions import Directions, extract_directions, response_projections
+from harc.errors import HarcError
 from harc.eval import Evaluator, GenerationCache, adapter_fingerprint
 from harc.eval.attacks import get_attack
 from harc.eval.filters import PolicyContext, get_filter
@@ -27,12 +29,12 @@ from harc.eval.results import judge_agreement
 from harc.export import export_adapter
 from harc.generation import generate
 from harc.geometry import geometry, heldout_check, plane_points
-from harc.io import atomic_write_json
+from harc.io import atomic_write_json, check_writable
 from harc.layers import plane_layer
 from harc.lora import load_adapter
 from harc.methods import Trainer
 from harc.methods.data import load_records
-from harc.models import environment, load_model
+from harc.models import environment, load_model, model_fingerprint
 from harc.pipeline.config import RunConfig, plugin_spec
 from harc.pipeline.stages import Stage, read_jsonl
 from harc.report import write_report
@@ -48,16 +50,41 @@ class Pipeline:
         self.log = log
         self.progress = progress or (lambda desc, total: (lambda n=1: None))
         self.timings: dict[str, float] = {}
+        self.skipped: list[str] = []  # stages found done with the same inputs
+        self._stages: list[tuple[Stage, bool]] = []  # (stage, reused) of the current timed step
 
     def _timed(self, name: str, fn, *args, **kw):
-        t0 = time.time()
+        """Run one step; its timing is the measured one, or, when every stage it holds was
+        reused, the time those stages took when they ran."""
+        t0, self._stages = time.time(), []
         out = fn(*args, **kw)
-        self.timings[name] = time.time() - t0
+        took = time.time() - t0
+        if self._stages and all(reused for _, reused in self._stages):
+            known = [st.seconds for st, _ in self._stages]
+            took = sum(known) if None not in known else self._previous_timings.get(name, took)
+        self.timings[name] = took
         return out
+
+    def _reuse(self, st: Stage) -> bool:
+        """Whether a stage is done with the same inputs (then it is skipped, and said so)."""
+        reused = st.done()
+        self._stages.append((st, reused))
+        if reused:
+            name = st.dir.relative_to(self.root).as_posix()
+            self.skipped.append(name)
+            self.log(f"{name}: skipped, done by an earlier run with the same inputs")
+        return reused
 
     def run(self) -> dict:
         """Run (or resume) every stage; returns the paths of the report files."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        # Where the last run put its timings (stages finished by older versions record none).
+        prev = self.root / "results.json"
+        try:
+            self._previous_timings = json.loads(prev.read_text()).get("timings_s", {}) \
+                if prev.is_file() else {}
+        except ValueError:
+            self._previous_timings = {}
+        check_writable(self.root, 200 << 20)
         self._timed("data", self.prepare_data)
         self.load()
         self._timed("synth", self.synthesise)
@@ -68,7 +95,7 @@ class Pipeline:
         self._timed("train", self.train)
         runs += self._timed("eval_harc", self.evaluate_all, "harc", self.peft_model,
                             str(self.adapter_dir))
-        geo_after = self.geometry_after()
+        geo_after = self._timed("geometry_after", self.geometry_after)
         return self.report(runs, geo_after)
 
     def load(self) -> None:
@@ -76,7 +103,9 @@ class Pipeline:
         cfg = self.cfg
         self.log(f"loading {cfg.model}")
         self.model, self.tok = load_model(cfg.model, dtype=cfg.torch_dtype,
-                                          attn_implementation=cfg.attn_implementation)
+                                          attn_implementation=cfg.attn_implementation,
+                                          trust_remote_code=self.rc.trust_remote_code)
+        self.fingerprint = model_fingerprint(self.model)
         self.chat = self._chat(cfg.max_prompt_tokens)
         # Jailbreak templates are long: evaluation and the plane see them whole, not cut to the
         # training limit.
@@ -104,9 +133,19 @@ class Pipeline:
                           "pseudo_eval": len(self.pseudo["eval"]),
                           "removed_near_duplicates": sets.removed, "overlaps": sets.overlaps}
         atomic_write_json(self.root / "data.json", self.data_info)
+        d = self.cfg.data  # the training sets a config names are read now, before the model
+        self.cfg_harm = load_records(d.harmful, d.harmful_n) if d.harmful else None
+        self.cfg_safe = load_records(d.harmless, d.harmless_n) if d.harmless else None
         n = self.cfg.data.val_n
         self.val_h = [r["prompt"] for r in sets["harmful_validate"]][:n]
         self.val_b = [r["prompt"] for r in sets["harmless_validate"]][:n]
+        for name in ("harmful_extract", "harmless_extract", "harmful_validate",
+                     "harmless_validate", "harmful_eval"):
+            if not sets[name]:
+                raise HarcError(f"the {name.replace('_', ' ')} set is empty after "
+                                f"de-duplication ({self.data_info['removed_near_duplicates']} "
+                                "near-duplicates removed): give larger or more varied sets in "
+                                "the run: section")
 
     # ---- synth: on-policy (prompt, refusal, completion) triples and benign answers.
     def synthesise(self) -> None:
@@ -115,16 +154,23 @@ class Pipeline:
         n_syn = min(rs.n_synth, len(harmful_pool))
         harm = [r["prompt"] for r in harmful_pool[:n_syn]]
         safe = [r["prompt"] for r in (sets["harmless_extract"] + sets["harmless_train"])[:n_syn]]
-        pseudo = [r["prompt"] for r in self.pseudo["train"]]
-        st = self.synth_stage = Stage(self.root, "synth", [self.cfg.model, self.chat.template_hash(),
-                                                           harm, safe, pseudo, rs.synth_tokens])
-        if not st.done():
+        # Pseudo-harmful answers only as many as training draws (none when the config names its
+        # own set or draws none): a 24-step run used 24 of the 75 it once generated.
+        c = self.cfg
+        need = 0 if c.data.pseudo or not c.batch.pseudo else _draws(c, c.batch.pseudo)
+        pseudo = [r["prompt"] for r in self.pseudo["train"]][:need]
+        st = self.synth_stage = Stage(self.root, "synth", [
+            self.cfg.model, self.fingerprint, self.chat.template_hash(), harm, safe, pseudo,
+            rs.synth_tokens])
+        if not self._reuse(st):
             self.log(f"synthesising {n_syn} triples and benign answers on-policy")
             triples, helpful = synth_triples(
                 self.model, self.chat, harm, safe, max_new_tokens=rs.synth_tokens,
                 batch_size=rs.batch_size, progress=self.progress("synth", 3 * n_syn))
             answers = generate(self.model, self.chat, pseudo, max_new_tokens=rs.synth_tokens,
-                               batch_size=rs.batch_size)
+                               batch_size=rs.batch_size,
+                               progress=self.progress("synth: pseudo-harmful answers",
+                                                      len(pseudo))) if pseudo else []
             pseudo_pairs, pseudo_refused = answered_pairs(pseudo, answers)
             write_jsonl(st.dir / "triples.jsonl", triples)
             write_jsonl(st.dir / "helpful.jsonl", helpful)
@@ -145,19 +191,20 @@ class Pipeline:
         # Training sets the config names (e.g. Circuit-Breakers for a paper reproduction) also
         # give the response-side directions, as in the reference; else the on-policy sets.
         d = cfg.data
-        self.cfg_harm = load_records(d.harmful, d.harmful_n) if d.harmful else None
-        self.cfg_safe = load_records(d.harmless, d.harmless_n) if d.harmless else None
         resp_h = self.cfg_harm[: d.extract_n] if self.cfg_harm else self.triples
         resp_b = self.cfg_safe[: d.extract_n] if self.cfg_safe else self.helpful
         st = self.extract_stage = Stage(self.root, "extract", [
             self.synth_stage.hash, self.ext_h, self.ext_b, cfg.n_boot, cfg.n_resp_tokens,
             d.harmful, d.harmless, d.extract_n])
         self.dirs_path = st.dir / "directions.safetensors"
+        # The held-out prompts beside the directions: what `harc diagnose` checks on and the
+        # latent filter of `harc eval --directions` calibrates on (never evaluation prompts).
+        atomic_write_json(st.dir / "heldout.json", {"harmful": self.val_h, "harmless": self.val_b})
         self.pairs_args = dict(harmful_completions=[(t["prompt"], t["completion"]) for t in resp_h],
                                refusals=[(t["prompt"], t["refusal"]) for t in resp_h],
                                helpful=[(p["prompt"], p["response"]) for p in resp_b],
                                n_resp_tokens=cfg.n_resp_tokens, batch_size=rs.batch_size)
-        if not st.done():
+        if not self._reuse(st):
             self.log("extracting the four directions")
             total = len(self.ext_h) + len(self.ext_b) + 2 * len(resp_h) + len(resp_b)
             dirs = extract_directions(self.model, self.chat, harmful=self.ext_h,
@@ -178,31 +225,46 @@ class Pipeline:
         self.geo = geometry(self.dirs, k=k, score=cfg.layer_score, low=cfg.band[0],
                             high_offset=cfg.band[1])
         st = Stage(self.root, "diagnose", [self.extract_stage.hash, k, cfg.layer_score, cfg.band,
-                                           self.val_h, self.val_b, rs.plane_attacks])
+                                           self.val_h, self.val_b, rs.plane_attacks, rs.plane_n])
         layers = self.geo["selected_layers"]
+        if not layers:
+            raise HarcError(f"no layer selected: k_final={k} with band {cfg.band} on a model of "
+                            f"{self.dirs.n_slots - 1} layers; lower k_final or narrow band")
         self.plane_layer = plane_layer(layers)
-        if not st.done():
+        if not self._reuse(st):
             self.log(f"diagnosing: selected layers {layers}")
             held = heldout_check(self.model, self.chat, self.dirs, self.val_h, self.val_b, layers,
                                  rs.batch_size)
-            plane_sets = {"harmless": self.val_b, "harmful (direct)": self.val_h}
+            val_h, val_b = self.val_h[: rs.plane_n], self.val_b[: rs.plane_n]
+            plane_sets = {"harmless": val_b, "harmful (direct)": val_h}
             for name in rs.plane_attacks:
                 plane_sets[name] = [p.prompt for p in get_attack(name).apply(
-                    [{"prompt": p} for p in self.val_h])]
-            plane = {"layer": self.plane_layer,
-                     "points": plane_points(self.model, self.eval_chat, self.dirs, plane_sets,
-                                            self.plane_layer, rs.batch_size)}
+                    [{"prompt": p} for p in val_h])]
+            points = {}
+            for name, prompts in plane_sets.items():  # one line each: long templates take time
+                self.log(f"diagnose: {len(prompts)} {name} prompts on the plane")
+                points.update(plane_points(self.model, self.eval_chat, self.dirs,
+                                           {name: prompts}, self.plane_layer, rs.batch_size))
+            plane = {"layer": self.plane_layer, "points": points}
             write_plots(self.geo, st.dir, plane)
             write_diagnosis(st.dir, self.geo, held, plane)
-            st.finish()
-        # The latent judge's threshold: the model's own response-side harmfulness reading, fitted
-        # on the synthetic harmful openings vs refusals (training data, never evaluation data).
+            # Only the latent judge reads the threshold: without it, 128 forwards are saved.
+            st.finish({"latent_threshold": self._latent_threshold() if self.ev.latent_judge
+                       else None})
+        self.latent_threshold = st.record.get("latent_threshold")
+        if self.ev.latent_judge and self.latent_threshold is None:  # diagnosed without it
+            self.latent_threshold = self._latent_threshold()
+
+    def _latent_threshold(self) -> float:
+        """The latent judge's threshold: the model's own response-side harmfulness reading,
+        fitted on the synthetic harmful openings vs refusals (training data, never evaluation
+        data)."""
         cal = self.triples[:64]
         scores = response_projections(
             self.model, self.chat, [(t["prompt"], t["completion"]) for t in cal]
             + [(t["prompt"], t["refusal"]) for t in cal], self.dirs, [self.plane_layer],
-            n_tokens=cfg.n_resp_tokens, batch_size=rs.batch_size)[:, 0, 0].tolist()
-        self.latent_threshold = fit_threshold(scores, [True] * len(cal) + [False] * len(cal))
+            n_tokens=self.cfg.n_resp_tokens, batch_size=self.rs.batch_size)[:, 0, 0].tolist()
+        return fit_threshold(scores, [True] * len(cal) + [False] * len(cal))
 
     # ---- evaluation
     def _eval_data(self) -> dict:
@@ -212,7 +274,10 @@ class Pipeline:
                         for r in sets["harmful_eval"][: ev.n_harmful]],
             "over_refusal": {n: p[: ev.n_over_refusal] for n, p in self.over_sets.items()},
             "benign": [r["prompt"] for r in sets["harmless_validate"]][: ev.n_benign],
-            "capability": load(ev.capability, limit=ev.n_capability) if ev.capability else [],
+            # Spread over the item kinds (arithmetic, facts, instructions): the file's first items
+            # are all arithmetic.
+            "capability": (sample_across(load(ev.capability), ev.n_capability, seed=self.rs.seed)
+                           if ev.capability else []),
         }
 
     def evaluate(self, name: str, model, adapter: str | None = None, input_filter=None) -> dict:
@@ -221,7 +286,7 @@ class Pipeline:
             input_filter.record() if input_filter is not None else None,
             [r["prompt"] for r in self.eval_data["harmful"]]])
         result_path = stage.dir / "run.json"
-        if stage.done():
+        if self._reuse(stage):
             return json.loads(result_path.read_text())
         self.log(f"evaluating {name}")
         res = Evaluator(model, self.eval_chat, self.ev, name=name, adapter=adapter,
@@ -262,7 +327,7 @@ class Pipeline:
         self.adapter_dir = self.root / "train" / "adapter"
         st = self.train_stage = Stage(self.root, "train", [to_dict(cfg), self.synth_stage.hash,
                                                            self.extract_stage.hash])
-        if not st.done():
+        if not self._reuse(st):
             self.log(f"training {cfg.method} for {cfg.steps} steps")
             trainer = Trainer(cfg, self.model, self.tok, data, directions=self.dirs, progress=True)
             trainer.train()
@@ -296,10 +361,14 @@ class Pipeline:
         cfg = self.cfg
         st = Stage(self.root, "geometry_after", [self.train_stage.hash, self.extract_stage.hash])
         path = st.dir / "directions.safetensors"
-        if not st.done():
+        if not self._reuse(st):
+            self.log("re-extracting the directions with the adapter on")
+            pa = self.pairs_args
+            total = (len(self.ext_h) + len(self.ext_b) + len(pa["harmful_completions"])
+                     + len(pa["refusals"]) + len(pa["helpful"]))
             after = extract_directions(self.peft_model, self.chat, harmful=self.ext_h,
                                        harmless=self.ext_b, n_boot=cfg.n_boot, seed=cfg.seed,
-                                       **self.pairs_args)
+                                       progress=self.progress("geometry after", total), **pa)
             after.save(path)
             st.finish()
         return geometry(Directions.load(path), k=cfg.k_final, score=cfg.layer_score,
@@ -334,6 +403,7 @@ class Pipeline:
             "geometry": {"before": _geo_for_report(self.geo), "after": _geo_for_report(geo_after)},
             "training": {"steps": cfg.steps, "log": log_rows},
             "timings_s": self.timings,
+            "skipped_stages": self.skipped,
         }
         atomic_write_json(self.root / "results.json", results)
         export_adapter(self.adapter_dir, self.dirs_path, results)
@@ -352,6 +422,13 @@ def _geo_for_report(geo: dict) -> dict:
     if geo["band"]:
         out["band"] = [geo["band"][0], geo["band"][-1]]
     return out
+
+
+def _draws(cfg, per_micro_batch: int) -> int:
+    """Rows of one kind a training run draws (`MicroBatchSampler`: whole bucketing windows of
+    micro-batches)."""
+    width = cfg.bucket_window or cfg.grad_accum
+    return -(-cfg.steps * cfg.grad_accum // width) * width * per_micro_batch
 
 
 def _count(items) -> dict:

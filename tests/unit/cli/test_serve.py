@@ -30,7 +30,7 @@ def test_both_commands_are_mounted_with_their_options():
         assert text in res.output, text
     res = runner.invoke(app, ["redteam", "--help"])
     assert res.exit_code == 0, res.output
-    for text in ("garak", "--probes", "dan.Dan_11_0,encoding.InjectBase64", "--target",
+    for text in ("garak", "--probes", "a DAN and an encoding probe", "--target",
                  "--garak-python", "--results"):
         assert text in res.output, text
 
@@ -58,5 +58,5 @@ def test_the_program_prints_one_line_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "harc", "serve", "--config",
                         str(tmp_path / "missing.yaml")], capture_output=True, text=True,
                        timeout=300)
-    assert r.returncode == 2 and "config file not found" in r.stderr
+    assert r.returncode == 1 and "config file not found" in r.stderr  # input error (docs/cli.md)
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -277,7 +277,7 @@ def test_resume_refuses_changed_config(tmp_path):
 
 
 def test_train_command_end_to_end(tmp_path, monkeypatch):
-    import harc.cli.train
+    import harc.models
 
     paths = {}
     for k, recs in make_data().items():
@@ -289,7 +289,7 @@ def test_train_command_end_to_end(tmp_path, monkeypatch):
         f"  pseudo: {paths['pseudo']}\n  extract_n: 6\n  val_n: 3\nlr: 1e-3\nsteps: 2\n"
         "warmup_steps: 1\nband: [1, 1]\nrefresh_every: 0\nn_boot: 0\nmax_prompt_tokens: 64\n"
         "max_response_tokens: 32\nbatch: {harmful: 2, harmless: 1, pseudo: 1}\n")
-    monkeypatch.setattr(harc.cli.train, "load_model",
+    monkeypatch.setattr(harc.models, "load_model",
                         lambda *a, **k: (tiny_model(), tiny_tokenizer()))
     harc_main(["train", "--config", str(cfg), f"output_dir={tmp_path / 'run'}", "lora.r=2"])
     out = tmp_path / "run" / "adapter"
@@ -300,12 +300,12 @@ def test_train_command_end_to_end(tmp_path, monkeypatch):
 
 
 def test_train_command_validates_before_loading_the_model(tmp_path, monkeypatch, capsys):
-    import harc.cli.train
+    import harc.models
 
     def boom(*a, **k):
         raise AssertionError("model loaded before validation")
 
-    monkeypatch.setattr(harc.cli.train, "load_model", boom)
+    monkeypatch.setattr(harc.models, "load_model", boom)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("{}\n")
     for args, key in ((["data.harmful=/nonexistent.jsonl", "margin=2"], "margin"),

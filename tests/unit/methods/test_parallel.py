@@ -142,13 +142,14 @@ def test_a_setup_over_the_memory_plan_is_refused_with_what_would_fit(tmp_path, b
 
 
 def test_train_command_checks_nproc_before_launching(tmp_path, monkeypatch, capsys):
-    import harc.cli.train
+    import harc.methods.parallel
+    import harc.models
 
     def boom(*a, **k):
         raise AssertionError("launched or loaded before the checks")
 
-    monkeypatch.setattr(harc.cli.train, "launch", boom)
-    monkeypatch.setattr(harc.cli.train, "load_model", boom)
+    monkeypatch.setattr(harc.methods.parallel, "launch", boom)
+    monkeypatch.setattr(harc.models, "load_model", boom)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     paths = {}
     for k, recs in make_data().items():
@@ -157,16 +158,17 @@ def test_train_command_checks_nproc_before_launching(tmp_path, monkeypatch, caps
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data:\n  harmful: {paths['harmful']}\n  harmless: {paths['harmless']}\n"
                    f"  pseudo: {paths['pseudo']}\ngrad_accum: 2\n")
-    for args, msg in ((["--nproc", "3"], "3 processes cannot share grad_accum=2"),
-                      (["--nproc", "2", "--strategy", "zero"], "unknown strategy 'zero'")):
+    # a config that does not fit the processes is an input error; an unknown strategy, usage
+    for args, msg, code in ((["--nproc", "3"], "3 processes cannot share grad_accum=2", 1),
+                            (["--nproc", "2", "--strategy", "zero"], "unknown strategy 'zero'", 2)):
         with pytest.raises(SystemExit) as e:
             harc_main(["train", "--config", str(cfg), *args])
-        assert e.value.code == 2
+        assert e.value.code == code
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1
 
     launched = []
-    monkeypatch.setattr(harc.cli.train, "launch", lambda n, args: launched.append((n, args)) or 0)
+    monkeypatch.setattr(harc.methods.parallel, "launch", lambda n, args: launched.append((n, args)) or 0)
     with pytest.raises(SystemExit) as e:
         harc_main(["train", "--config", str(cfg), "--nproc", "2", "--strategy", "fsdp", "lr=2e-4"])
     assert e.value.code == 0
