@@ -88,7 +88,7 @@ def redteam(
     adapter: AdapterOpt = None,
     input_filter: FilterOpt = None,
     directions: DirectionsOpt = None,
-    probes: Annotated[str | None, typer.Option(help="garak probes, comma-separated module.Class (docs/serving.md lists offline ones; default: a DAN and an encoding probe, harc.serve.redteam.DEFAULT_PROBES)")] = None,
+    probes: Annotated[str | None, typer.Option(help="garak probes, comma-separated module.Class (default: a DAN and an encoding probe; docs/serving.md lists offline ones)")] = None,
     target: Annotated[list[str] | None, typer.Option(help="served name to attack (repeatable; default: every served name)")] = None,
     prompt_cap: Annotated[int, typer.Option(help="at most this many prompts per probe")] = 16,
     generations: Annotated[int, typer.Option(help="garak generations per prompt")] = 1,
