@@ -25,12 +25,25 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from typer.core import TyperGroup
 
 from harc.errors import HarcError, UsageError
 
+ORDER = ("run", "extract", "diagnose", "train", "eval", "report", "compare", "merge", "export",
+         "serve", "redteam", "judge-check", "data", "fetch-model")
+
+
+class _Commands(TyperGroup):
+    """Lists the commands in the order of the loop, then the tools around it."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))
+
+
 # Plain help (rich_markup_mode=None): typer's rich help prints a spurious "<bool>" after every
 # flag, `--help` included.
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(cls=_Commands, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Harmfulness-And-Refusal Coupling: extract, diagnose, train, evaluate, "
                        "report. Exit codes: 1 input or environment, 2 usage, 130 interrupted.")
 console = Console(stderr=True)

@@ -52,7 +52,7 @@ from harc.methods.config import KINDS, TrainConfig
 from harc.methods.data import split_data
 from harc.methods.parallel import Parallel
 from harc.methods.step import compiled_blocks, set_checkpointing
-from harc.models import model_identity, unwrap
+from harc.models import model_fingerprint, model_identity, unwrap
 
 
 class Trainer:
@@ -102,6 +102,8 @@ class Trainer:
             self.model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha,
                                      dropout=cfg.lora.dropout, target_modules=cfg.lora.targets)
         self.method.model, self.method.world = self.model, self.world
+        # Fixed before FSDP2 shards the weights (a sharded parameter cannot be read on one rank).
+        unwrap(self.model).harc_fingerprint = model_fingerprint(self.model)
         self.parallel = Parallel(self.world, strategy, self.model, self.method)  # FSDP2: shards
         self.device = next(self.model.parameters()).device
         self.params = [p for p in self.model.parameters() if p.requires_grad]

@@ -460,6 +460,10 @@ def test_help_screens(capsys):
         assert harc(args) == 0
         text = capsys.readouterr().out
         assert "<bool>" not in text, args
+        if args == ["--help"]:  # every command, the loop first
+            listed = [ln.split()[0] for ln in text.split("Commands:")[1].splitlines() if ln.strip()]
+            assert listed[:4] == ["run", "extract", "diagnose", "train"]
+            assert {"compare", "serve", "redteam", "data", "fetch-model"} <= set(listed)
         if args[0] == "data":
             assert "synth" in text
         if args[0] == "eval":
