@@ -1,6 +1,6 @@
 """`harc compare` end to end: on a tiny random model split over two invocations with --only, then
-resumed with nothing left to do; and on the built-in SmolLM2-135M with every method and layer at
-tiny settings."""
+resumed with nothing left to do; and on the built-in SmolLM2-135M with every method and every
+layer (on the base model) at tiny settings."""
 
 import json
 from pathlib import Path
@@ -56,6 +56,7 @@ def test_compare_on_the_builtin_model_with_every_method_and_layer(tmp_path):
             "eval.attacks=[direct, prefill]", "eval.n_harmful=4", "eval.n_over_refusal=4",
             "eval.n_benign=4", "eval.n_capability=4", "eval.max_new_tokens=8",
             "compare.latency_n=2", "compare.bootstrap=200", f"compare.layers={LAYERS}",
+            "compare.stack_on=[]",
             "compare.methods=[harc, {name: sft, method: sft}, {name: dpo, method: dpo}, "
             "{name: circuit_breakers, method: circuit_breakers}, "
             f"{{name: harc+dpo, method: dpo, init: harc, lora: {{r: 8, alpha: 8}}}}{controls}]"]
@@ -66,8 +67,7 @@ def test_compare_on_the_builtin_model_with_every_method_and_layer(tmp_path):
     layers = ["keyword", "latent", "perplexity", "smoothllm", "self_check", "system_prompt",
               "latent_guard", "cast"]
     entries = [e.name for e in cc.entries]
-    assert _names(tmp_path / "out") == ["base", *[f"base+{x}" for x in layers], "harc",
-                                        *[f"harc+{x}" for x in layers], *entries[1:]]
+    assert _names(tmp_path / "out") == ["base", *[f"base+{x}" for x in layers], *entries]
     assert res["compare"]["missing"] == []
     for r in res["runs"]:
         assert set(r["attacks"]) == {"direct", "prefill"} and r["over_refusal"]
