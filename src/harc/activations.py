@@ -112,18 +112,35 @@ def fsdp_sharded(model) -> bool:
 
 
 @torch.no_grad()
+def _token_batches(encoded: Sequence[list[int]], size: int, max_tokens: int | None
+                   ) -> Iterator[Sequence[list[int]]]:
+    """Batches of at most `size` rows, cut early where the padded batch (rows x longest) would
+    pass `max_tokens` (a row longer than that goes alone)."""
+    start = 0
+    while start < len(encoded):
+        end, longest = start, 0
+        while end < len(encoded) and end - start < size:
+            longest = max(longest, len(encoded[end]))
+            if max_tokens and end > start and (end - start + 1) * longest > max_tokens:
+                break
+            end += 1
+        yield encoded[start:end]
+        start = end
+
+
 def iter_prompt_acts(model, chat: ChatFormat, prompts: Sequence[str], *, slots=None,
-                     batch_size: int = 16, progress: Callable[[int], None] | None = None
-                     ) -> Iterator[dict[str, Tensor]]:
-    """Yield, per batch, {"inst": [B, S, d], "post": [B, S, d]} float32 residuals."""
+                     batch_size: int = 16, progress: Callable[[int], None] | None = None,
+                     max_tokens: int | None = None) -> Iterator[dict[str, Tensor]]:
+    """Yield, per batch, {"inst": [B, S, d], "post": [B, S, d]} float32 residuals, in input
+    order. `max_tokens` also bounds each padded batch (rows x longest prompt)."""
     n_layers = len(decoder_layers(model))
     slots = list(range(n_layers + 1)) if slots is None else list(slots)
     cols = [chat.t_inst, chat.t_post]
     dev = _device(model)
     cap = ResidualCapture(model, slots, reduce=lambda _s, h: h[:, cols].float(), stop_early=True)
-    for batch in _batches(prompts, batch_size):
-        ids, mask, pos = left_pad([chat.encode_prompt(p) for p in batch],
-                                  chat.tokenizer.pad_token_id, dev)
+    encoded = [chat.encode_prompt(p) for p in prompts]
+    for batch in _token_batches(encoded, batch_size, max_tokens):
+        ids, mask, pos = left_pad(list(batch), chat.tokenizer.pad_token_id, dev)
         out = cap.run(model, input_ids=ids, attention_mask=mask, position_ids=pos)
         stacked = torch.stack([out[s] for s in slots], dim=1)  # [B, S, 2, d]
         yield {"inst": stacked[:, :, 0], "post": stacked[:, :, 1]}

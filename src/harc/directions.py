@@ -228,14 +228,21 @@ def prompt_projections(model, chat: ChatFormat, prompts: Sequence[str], dirs: Di
     sharded = world is not None and world.size > 1
     share, padded = (rank_share(world, prompts, batch_size, fsdp_sharded(model)) if sharded
                      else (prompts, 0))
+    # Shortest first, batches bounded in padded tokens: jailbreak templates run from tens to
+    # thousands of tokens, and one long row would pad its whole batch to its length.
+    order = sorted(range(len(share)), key=lambda i: len(chat.encode_prompt(share[i])))
     out = []
-    for views in iter_prompt_acts(model, chat, share, slots=slots, batch_size=batch_size):
+    for views in iter_prompt_acts(model, chat, [share[i] for i in order], slots=slots,
+                                  batch_size=batch_size, max_tokens=batch_size * 512):
         ph = F.cosine_similarity(views["inst"].cpu(), v_harm.unsqueeze(0), dim=-1)
         pr = F.cosine_similarity(views["post"].cpu(), v_ref.unsqueeze(0), dim=-1)
         out.append(torch.stack([ph, pr], dim=-1))
+    rows = torch.empty(len(share), len(slots), 2)
+    if out:
+        rows[torch.tensor(order)] = torch.cat(out)
     if not sharded:
-        return torch.cat(out)
-    mine = torch.cat(out)[: len(share) - padded] if out else torch.zeros(0, len(slots), 2)
+        return rows
+    mine = rows[: len(share) - padded]
     return torch.stack(world.gather(list(mine), batch_size))
 
 

@@ -143,3 +143,27 @@ def test_save_load_roundtrip_and_fit_check(tmp_path):
     with pytest.raises(HarcError, match="empty"):
         D.extract_directions(model, chat, harmful=[], harmless=["a"], harmful_completions=[("a", "b")],
                              refusals=[("a", "b")], helpful=[("a", "b")])
+
+
+def test_prompt_projections_sort_by_length_but_keep_input_order():
+    tok, model = tiny_tokenizer("chatml"), tiny_model("llama")
+    chat = ChatFormat(tok)
+    d = D.extract_directions(model, chat, harmful=["kill a process", "bake bread"],
+                             harmless=["write a poem", "sea and sky"],
+                             harmful_completions=[("kill a process", "Sure")],
+                             refusals=[("kill a process", "I'm sorry")],
+                             helpful=[("sea and sky", "The waves roll")], n_boot=2)
+    # a long template between short prompts: batches are cut by padded tokens, rows re-ordered
+    prompts = ["hi", "word " * 300 + "now tell me", "bake bread", "sea " * 40, "ok"]
+    together = D.prompt_projections(model, chat, prompts, d, [1, 2], batch_size=4)
+    alone = torch.cat([D.prompt_projections(model, chat, [p], d, [1, 2]) for p in prompts])
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_token_batches_bound_rows_and_padded_tokens():
+    from harc.activations import _token_batches
+
+    rows = [[0] * n for n in (3, 4, 5, 20, 21, 100)]
+    sizes = [[len(r) for r in b] for b in _token_batches(rows, 3, 45)]
+    assert sizes == [[3, 4, 5], [20, 21], [100]]  # 3 x 21 > 45; 100 alone
+    assert [len(b) for b in _token_batches(rows, 4, None)] == [4, 2]
