@@ -16,6 +16,16 @@ if not torch.cuda.is_available():
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: tiny matmuls gain nothing from threads, and on shared
+    cores spinning threads cost seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     for item in items:

@@ -124,14 +124,19 @@ def test_blend_is_against_base():
     torch.testing.assert_close(mixed.v_ref, F.normalize(0.7 * base.v_ref + 0.3 * fresh.v_ref, dim=-1))
 
 
-def test_save_load_roundtrip_and_fit_check(tmp_path):
+def _tiny_directions(n_boot: int):
     tok, model = tiny_tokenizer("chatml"), tiny_model("llama")
     chat = ChatFormat(tok)
     d = D.extract_directions(model, chat, harmful=["kill a process", "bake bread"],
                              harmless=["write a poem", "sea and sky"],
                              harmful_completions=[("kill a process", "Sure")],
                              refusals=[("kill a process", "I'm sorry")],
-                             helpful=[("sea and sky", "The waves roll")], n_boot=4)
+                             helpful=[("sea and sky", "The waves roll")], n_boot=n_boot)
+    return model, chat, d
+
+
+def test_save_load_roundtrip_and_fit_check(tmp_path):
+    model, chat, d = _tiny_directions(n_boot=4)
     path = d.save(tmp_path / "d.safetensors")
     back = D.Directions.load(path, model)
     torch.testing.assert_close(back.v_harm_resp, d.v_harm_resp)
@@ -146,13 +151,7 @@ def test_save_load_roundtrip_and_fit_check(tmp_path):
 
 
 def test_prompt_projections_sort_by_length_but_keep_input_order():
-    tok, model = tiny_tokenizer("chatml"), tiny_model("llama")
-    chat = ChatFormat(tok)
-    d = D.extract_directions(model, chat, harmful=["kill a process", "bake bread"],
-                             harmless=["write a poem", "sea and sky"],
-                             harmful_completions=[("kill a process", "Sure")],
-                             refusals=[("kill a process", "I'm sorry")],
-                             helpful=[("sea and sky", "The waves roll")], n_boot=2)
+    model, chat, d = _tiny_directions(n_boot=2)
     # a long template between short prompts: batches are cut by padded tokens, rows re-ordered
     prompts = ["hi", "word " * 300 + "now tell me", "bake bread", "sea " * 40, "ok"]
     together = D.prompt_projections(model, chat, prompts, d, [1, 2], batch_size=4)

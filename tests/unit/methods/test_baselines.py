@@ -32,15 +32,8 @@ from harc.methods.dpo import micro_step as dpo_step
 from harc.methods.harc import micro_step as harc_step
 from harc.methods.sft import micro_step as sft_step
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(tmp_path, method, **kw):

@@ -21,16 +21,8 @@ from harc.methods.config import BatchSizes, DataSettings
 from harc.methods.harc import micro_step
 from harc.models import decoder_layers
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matmuls gain nothing from threads, and on shared cores spinning threads cost seconds.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_collate_positions(tmp_path):

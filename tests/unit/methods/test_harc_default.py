@@ -2,25 +2,17 @@
 inputs equal the values recorded before the opt-in improvements were added (commit 16b1ec7)."""
 
 import pytest
-import torch
 from train_helpers import make_trainer, perturb_lora
 
 from harc.methods.batching import collate
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
 # Recorded on the code before any improvement key existed (torch CPU, float32, one thread).
 GOLDEN = {"couple": 0.5479350686073303, "couple_resp": 0.6943172812461853,
           "kl": 0.013682195916771889, "ce": 5.987288475036621}
 GOLDEN_GRAD_SQ = 5.73110495047094
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_default_terms_and_gradients_are_unchanged(tmp_path):

@@ -16,15 +16,8 @@ from harc.methods import Trainer
 from harc.methods.batching import collate
 from harc.methods.harc import Coupling, LossWeights, micro_step
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def batch_and_rows(tr):

@@ -22,15 +22,8 @@ from harc.methods.batching import collate
 from harc.methods.config import BatchSizes
 from harc.methods.parallel import Parallel, check_method, preflight
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_loss_then_backward_equals_the_micro_step(tmp_path):

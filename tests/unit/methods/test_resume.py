@@ -12,15 +12,8 @@ from train_helpers import adapter_state, make_trainer
 import harc.methods.engine as engine
 from harc.errors import HarcError
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("one_thread")]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def kill_at(tr, micro_step: int) -> None:
