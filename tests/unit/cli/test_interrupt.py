@@ -27,8 +27,11 @@ def _env(tmp_path) -> dict:
 
 def _harc(args, tmp_path, until=None, timeout=300) -> subprocess.CompletedProcess:
     """Run `harc ARGS`; when `until()` becomes true, send SIGINT."""
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that: give harc
+    # the default disposition a terminal user has (Python then turns SIGINT into Ctrl-C).
     proc = subprocess.Popen([sys.executable, "-m", "harc", *args], env=_env(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if until is not None:
         deadline = time.monotonic() + timeout
         while not until():
