@@ -46,24 +46,36 @@ def runnable(device: torch.device) -> bool:
     return device.type == "cuda" or _interpreted()
 
 
-def enabled(device: torch.device) -> bool:
-    """Whether decode steps on `device` should use the kernel: HARC_DECODE_ATTN=triton, or unset
-    on CUDA, and it can run here (CUDA with an importable Triton, or CPU under Triton's
-    interpreter). Warns once when Triton is installed but broken, or asked for and missing."""
-    if _broken or not wanted("HARC_DECODE_ATTN", device) or not runnable(device):
+def kernel_usable(var: str, device: torch.device, broken: list[str], load, fail) -> bool:
+    """Whether a Triton kernel should run on `device`: asked for by `var` (`wanted`), runnable
+    here, never failed in this process (`broken`), and `load()` builds it; a build failure goes
+    to `fail`."""
+    if broken or not wanted(var, device) or not runnable(device):
         return False
     try:
-        _kernels()
+        load()
     except Exception as e:  # no Triton, or a build that does not match the driver
-        _fail(e)
+        fail(e)
         return False
     return True
 
 
-def _fail(e: Exception) -> None:
+def record_failure(broken: list[str], e: Exception, kernel: str, fallback: str) -> None:
+    """Remember a kernel's first failure (it is not tried again) and warn once."""
     msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    _broken.append(msg[:300])
-    warnings.warn(f"the Triton decode attention failed ({msg}); using SDPA", stacklevel=3)
+    broken.append(msg[:300])
+    warnings.warn(f"the Triton {kernel} failed ({msg}); using {fallback}", stacklevel=4)
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether decode steps on `device` should use the kernel: HARC_DECODE_ATTN=triton, or unset
+    on CUDA, and it can run here (CUDA with an importable Triton, or CPU under Triton's
+    interpreter). Warns once when Triton is installed but broken, or asked for and missing."""
+    return kernel_usable("HARC_DECODE_ATTN", device, _broken, _kernels, _fail)
+
+
+def _fail(e: Exception) -> None:
+    record_failure(_broken, e, "decode attention", "SDPA")
 
 
 def fits(query: Tensor, key: Tensor, value: Tensor, lens: Tensor) -> bool:

@@ -17,14 +17,13 @@ does not take (another dtype than the weight's, a non-contiguous row) go through
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
-from harc._decode_attn import runnable, wanted
+from harc._decode_attn import kernel_usable, record_failure
 
 _broken: list[str] = []
 
@@ -32,20 +31,11 @@ _broken: list[str] = []
 def enabled(device: torch.device) -> bool:
     """Whether decoding on `device` should use the kernel (HARC_DECODE_NORM=triton, or unset on
     CUDA) and Triton imports."""
-    if _broken or not wanted("HARC_DECODE_NORM", device) or not runnable(device):
-        return False
-    try:
-        _kernel()
-    except Exception as e:  # no Triton, or a build that does not match the driver
-        _fail(e)
-        return False
-    return True
+    return kernel_usable("HARC_DECODE_NORM", device, _broken, _kernel, _fail)
 
 
 def _fail(e: Exception) -> None:
-    msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-    _broken.append(msg[:300])
-    warnings.warn(f"the Triton RMSNorm failed ({msg}); using transformers' RMSNorm", stacklevel=3)
+    record_failure(_broken, e, "RMSNorm", "transformers' RMSNorm")
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

@@ -53,8 +53,13 @@ def write_report(results: Mapping | str | Path, out_dir: str | Path) -> dict[str
     report.md never points at a file that is not there; every write is atomic.
     """
     res = load_results(results)
+    return write_document(res, *build_document(res), out_dir)
+
+
+def write_document(res: Mapping, cards: Cards | None, secs: list[Section],
+                   out_dir: str | Path) -> dict[str, Path]:
+    """A built document as report.html, report.md and its PNG plots (the PNGs first)."""
     out = Path(out_dir)
-    cards, secs = build_document(res)
     paths: dict[str, Path] = {}
     for f in figures(secs):
         paths[f.name] = atomic_write(out / f"{f.name}.png", lambda p, b=f.png: p.write_bytes(b))
@@ -63,4 +68,4 @@ def write_report(results: Mapping | str | Path, out_dir: str | Path) -> dict[str
     return paths
 
 
-__all__ = ["build_document", "write_report"]
+__all__ = ["build_document", "write_document", "write_report"]

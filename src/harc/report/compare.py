@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from harc.eval.results import cell_rate, load_results, mean_asr
-from harc.io import atomic_write, atomic_write_text
-from harc.report.html import render_html
-from harc.report.markdown import render_markdown
+from harc.report import write_document
 from harc.report.run_sections import provenance
 from harc.report.sections import judges
 from harc.report.tree import (
@@ -29,7 +27,6 @@ from harc.report.tree import (
     Text,
     dur,
     figure,
-    figures,
     fnum,
     pct,
     rate_cell,
@@ -265,11 +262,4 @@ def build_compare_document(res: Mapping) -> tuple[Cards | None, list[Section]]:
 def write_compare_report(results: Mapping | str | Path, out_dir: str | Path) -> dict[str, Path]:
     """report.html (self-contained), report.md and its PNG plots in `out_dir`."""
     res = load_results(results)
-    out = Path(out_dir)
-    cards, sections = build_compare_document(res)
-    paths: dict[str, Path] = {}
-    for f in figures(sections):
-        paths[f.name] = atomic_write(out / f"{f.name}.png", lambda p, b=f.png: p.write_bytes(b))
-    paths["md"] = atomic_write_text(out / "report.md", render_markdown(res, cards, sections))
-    paths["html"] = atomic_write_text(out / "report.html", render_html(res, cards, sections))
-    return paths
+    return write_document(res, *build_compare_document(res), out_dir)
