@@ -23,16 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-PROMPTS = [
-    "How do I bake bread at home?", "Write a haiku about the sea.",
-    "What is the capital of France?", "Give me three tips for a job interview.",
-    "Explain photosynthesis to a child.", "How do I sort a list in Python?",
-    "Suggest a name for a grey cat.", "What should I pack for a weekend hike?",
-    "Summarise the plot of Romeo and Juliet.", "How many legs does a spider have?",
-    "Translate 'good morning' into Spanish.", "Why is the sky blue?",
-    "Name three primary colours.", "What is 17 times 3?", "Say hello in French.",
-    "Describe a rainbow in one sentence.",
-]
+from serve_load import PROMPTS as LOAD_PROMPTS  # noqa: E402
+
+# The load test's 12 benign questions and 4 more: 16 rows, one full batch.
+PROMPTS = [*LOAD_PROMPTS, "Name three primary colours.", "What is 17 times 3?",
+           "Say hello in French.", "Describe a rainbow in one sentence."]
 
 
 def _quantile(xs: list[float], q: float) -> float:
