@@ -189,13 +189,7 @@ class Compare:
         if unknown:
             raise HarcError(f"--only names no entry: {unknown}; entries: {known}")
         p = self.p
-        self.root.mkdir(parents=True, exist_ok=True)
-        p._timed("data", p.prepare_data)
-        p.load()
-        p._timed("synth", p.synthesise)
-        p._timed("extract", p.extract)
-        p._timed("diagnose", p.diagnose)
-        p.eval_data = p._eval_data()
+        p.shared_stages()
         self.split = self._validation_split()
         self.data = {e.name: self._prepare(e) for e in self.cc.entries}
         if only == []:

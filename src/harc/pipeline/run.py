@@ -77,6 +77,17 @@ class Pipeline:
 
     def run(self) -> dict:
         """Run (or resume) every stage; returns the paths of the report files."""
+        self.shared_stages()
+        runs = self._timed("eval_base", self.evaluate_all, "base", self.model, None)
+        self._timed("train", self.train)
+        runs += self._timed("eval_harc", self.evaluate_all, "harc", self.peft_model,
+                            str(self.adapter_dir))
+        geo_after = self._timed("geometry_after", self.geometry_after)
+        return self.report(runs, geo_after)
+
+    def shared_stages(self) -> None:
+        """What every use of the run folder starts with (`harc run`, `harc compare`): the data,
+        the model, synthesis, the directions, the diagnosis and the evaluation sets."""
         # Where the last run put its timings (stages finished by older versions record none).
         prev = self.root / "results.json"
         try:
@@ -91,12 +102,6 @@ class Pipeline:
         self._timed("extract", self.extract)
         self._timed("diagnose", self.diagnose)
         self.eval_data = self._eval_data()
-        runs = self._timed("eval_base", self.evaluate_all, "base", self.model, None)
-        self._timed("train", self.train)
-        runs += self._timed("eval_harc", self.evaluate_all, "harc", self.peft_model,
-                            str(self.adapter_dir))
-        geo_after = self._timed("geometry_after", self.geometry_after)
-        return self.report(runs, geo_after)
 
     def load(self) -> None:
         """The model, its training chat format and its evaluation chat format."""
