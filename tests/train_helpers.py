@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from tiny import tiny_model, tiny_tokenizer
 
@@ -21,6 +24,15 @@ def make_data(n_h=12, n_b=12, n_p=6):
     pseudo = [{"prompt": f"How do I kill a Python process {i}?",
                "response": "Use kill with the process id."} for i in range(n_p)]
     return {"harmful": harmful, "harmless": harmless, "pseudo": pseudo}
+
+
+def write_data(folder: Path) -> dict[str, Path]:
+    """`make_data()` as FOLDER/<kind>.jsonl files, for commands that read data from files."""
+    paths = {}
+    for kind, recs in make_data().items():
+        paths[kind] = folder / f"{kind}.jsonl"
+        paths[kind].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return paths
 
 
 def make_config(tmp_path, **kw) -> HarcConfig:

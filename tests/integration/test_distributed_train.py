@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from dist_train_worker import run_config  # noqa: E402
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
-from train_helpers import make_data  # noqa: E402
+from train_helpers import make_data, write_data  # noqa: E402
 
 from harc.methods import Trainer  # noqa: E402
 
@@ -162,10 +162,7 @@ def test_a_checkpoint_of_two_fsdp_processes_resumes_in_one(runs, tmp_path):
 def test_train_command_relaunches_itself_in_two_processes(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "tiny")
     tiny_tokenizer("chatml").save_pretrained(tmp_path / "tiny")
-    files = {}
-    for k, recs in make_data().items():
-        files[k] = tmp_path / f"{k}.jsonl"
-        files[k].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    files = write_data(tmp_path)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         f"model: {tmp_path / 'tiny'}\ndata:\n  harmful: {files['harmful']}\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from tiny import tiny_model, tiny_tokenizer
-from train_helpers import make_data
+from train_helpers import write_data
 
 pytestmark = pytest.mark.unit
 SRC = Path(__file__).resolve().parents[3] / "src"
@@ -60,7 +60,7 @@ def _jsonl(path: Path, rows) -> str:
 
 
 def test_ctrl_c_during_training(tmp_path):
-    data = {k: _jsonl(tmp_path / f"{k}.jsonl", v) for k, v in make_data().items()}
+    data = {k: str(p) for k, p in write_data(tmp_path).items()}
     out = tmp_path / "run"
     cfg = {"model": str(_model(tmp_path)), "steps": 400, "warmup_steps": 1, "band": [1, 1],
            "k_start": 1, "k_final": 1, "n_boot": 0, "refresh_every": 0, "checkpoint_every": 2,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny import tiny_model, tiny_tokenizer
-from train_helpers import adapter_state, make_config, make_data, make_trainer, perturb_lora
+from train_helpers import adapter_state, make_config, make_data, make_trainer, perturb_lora, write_data
 
 from harc.activations import ResidualCapture
 from harc.cli import main as harc_main
@@ -271,10 +271,7 @@ def test_resume_refuses_changed_config(tmp_path):
 def test_train_command_end_to_end(tmp_path, monkeypatch):
     import harc.models
 
-    paths = {}
-    for k, recs in make_data().items():
-        paths[k] = tmp_path / f"{k}.jsonl"
-        paths[k].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    paths = write_data(tmp_path)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         f"model: tiny\ndata:\n  harmful: {paths['harmful']}\n  harmless: {paths['harmless']}\n"

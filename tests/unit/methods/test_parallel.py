@@ -3,12 +3,11 @@ the engines wrap, the even share of extraction batches FSDP2 needs, and the star
 `harc train --nproc` / torchrun, raised before any model loads. The two-process runs are in
 tests/integration/test_distributed_train.py."""
 
-import json
 
 import pytest
 import torch
 from tiny import tiny_model, tiny_tokenizer
-from train_helpers import make_config, make_data, make_trainer, perturb_lora
+from train_helpers import make_config, make_data, make_trainer, perturb_lora, write_data
 from transformers import LlamaConfig
 
 import harc.methods.parallel as parallel
@@ -144,10 +143,7 @@ def test_train_command_checks_nproc_before_launching(tmp_path, monkeypatch, caps
     monkeypatch.setattr(harc.methods.parallel, "launch", boom)
     monkeypatch.setattr(harc.models, "load_model", boom)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    paths = {}
-    for k, recs in make_data().items():
-        paths[k] = tmp_path / f"{k}.jsonl"
-        paths[k].write_text("".join(json.dumps(r) + "\n" for r in recs))
+    paths = write_data(tmp_path)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"data:\n  harmful: {paths['harmful']}\n  harmless: {paths['harmless']}\n"
                    f"  pseudo: {paths['pseudo']}\ngrad_accum: 2\n")
