@@ -129,16 +129,23 @@ def _token_batches(encoded: Sequence[list[int]], size: int, max_tokens: int | No
 
 
 def iter_prompt_acts(model, chat: ChatFormat, prompts: Sequence[str], *, slots=None,
-                     batch_size: int = 16, progress: Callable[[int], None] | None = None,
-                     max_tokens: int | None = None) -> Iterator[dict[str, Tensor]]:
-    """Yield, per batch, {"inst": [B, S, d], "post": [B, S, d]} float32 residuals, in input
-    order. `max_tokens` also bounds each padded batch (rows x longest prompt)."""
+                     batch_size: int = 16, progress: Callable[[int], None] | None = None
+                     ) -> Iterator[dict[str, Tensor]]:
+    """Yield, per batch, {"inst": [B, S, d], "post": [B, S, d]} float32 residuals."""
+    yield from iter_encoded_acts(model, chat, [chat.encode_prompt(p) for p in prompts],
+                                 slots=slots, batch_size=batch_size, progress=progress)
+
+
+def iter_encoded_acts(model, chat: ChatFormat, encoded: Sequence[list[int]], *, slots=None,
+                      batch_size: int = 16, progress: Callable[[int], None] | None = None,
+                      max_tokens: int | None = None) -> Iterator[dict[str, Tensor]]:
+    """`iter_prompt_acts` over prompts already encoded (`ChatFormat.encode_prompt`), in input
+    order; `max_tokens` also bounds each padded batch (rows x longest prompt)."""
     n_layers = len(decoder_layers(model))
     slots = list(range(n_layers + 1)) if slots is None else list(slots)
     cols = [chat.t_inst, chat.t_post]
     dev = _device(model)
     cap = ResidualCapture(model, slots, reduce=lambda _s, h: h[:, cols].float(), stop_early=True)
-    encoded = [chat.encode_prompt(p) for p in prompts]
     for batch in _token_batches(encoded, batch_size, max_tokens):
         ids, mask, pos = left_pad(list(batch), chat.tokenizer.pad_token_id, dev)
         out = cap.run(model, input_ids=ids, attention_mask=mask, position_ids=pos)

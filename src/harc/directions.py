@@ -18,6 +18,7 @@ from harc.activations import (
     MeanAccumulator,
     accumulate_sharded,
     fsdp_sharded,
+    iter_encoded_acts,
     iter_prompt_acts,
     iter_response_acts,
     rank_share,
@@ -230,10 +231,11 @@ def prompt_projections(model, chat: ChatFormat, prompts: Sequence[str], dirs: Di
                      else (prompts, 0))
     # Shortest first, batches bounded in padded tokens: jailbreak templates run from tens to
     # thousands of tokens, and one long row would pad its whole batch to its length.
-    order = sorted(range(len(share)), key=lambda i: len(chat.encode_prompt(share[i])))
+    encoded = [chat.encode_prompt(p) for p in share]
+    order = sorted(range(len(share)), key=lambda i: len(encoded[i]))
     out = []
-    for views in iter_prompt_acts(model, chat, [share[i] for i in order], slots=slots,
-                                  batch_size=batch_size, max_tokens=batch_size * 512):
+    for views in iter_encoded_acts(model, chat, [encoded[i] for i in order], slots=slots,
+                                   batch_size=batch_size, max_tokens=batch_size * 512):
         ph = F.cosine_similarity(views["inst"].cpu(), v_harm.unsqueeze(0), dim=-1)
         pr = F.cosine_similarity(views["post"].cpu(), v_ref.unsqueeze(0), dim=-1)
         out.append(torch.stack([ph, pr], dim=-1))
