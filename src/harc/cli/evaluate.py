@@ -103,13 +103,13 @@ def eval_(
         except ValueError as e:  # fewer layers in the band than k
             raise HarcError(f"{e} (this model has {dirs.n_slots - 1} layers)") from None
     val = read_json(heldout, "held-out file") if heldout is not None and heldout.is_file() else {}
+    # `harc extract` leaves its synthetic pairs beside the directions.
+    pairs = {"triples": [], "helpful": []}
+    for key in pairs:
+        if dirs is not None and (directions.parent / f"{key}.jsonl").is_file():
+            pairs[key] = load(str(directions.parent / f"{key}.jsonl"))
 
     def bind(name: str, model_):
-        # `harc extract` leaves its synthetic pairs beside the directions.
-        pairs = {"triples": [], "helpful": []}
-        for key in pairs:
-            if dirs is not None and (directions.parent / f"{key}.jsonl").is_file():
-                pairs[key] = load(str(directions.parent / f"{key}.jsonl"))
         return get_filter(name).bind(PolicyContext(
             model_, chat, dirs, layer, val.get("harmful", []), val.get("harmless", []),
             harmful_openings=[(t["prompt"], t["completion"]) for t in pairs["triples"]],
