@@ -30,7 +30,7 @@ from harc.lora import fused_lora
 from harc.methods.base import Method, register_method
 from harc.methods.batching import Example, MicroBatch, encode_example
 from harc.methods.config import TrainConfig
-from harc.methods.step import autocast, backbone, no_input_cast
+from harc.methods.step import autocast, backbone, backward_terms, no_input_cast
 from harc.models import decoder_layers
 
 TERMS = ("reroute", "retain")
@@ -98,13 +98,10 @@ def micro_step(model, mb: MicroBatch, layers: Sequence[int], *, coeffs: Mapping[
         with autocast(model):
             out = ResidualCapture(model, idx, detach=False, stop_early=True).run(body, **inputs)
         h = torch.stack([out[s] for s in idx])
-        terms = {"reroute": rerouting_loss(h[:, harmful], h0[:, harmful], mb.mask[harmful]),
-                 "retain": retain_loss(h[:, retain], h0[:, retain], mb.mask[retain])}
-        if backward_scale is not None:
-            loss = sum(coeffs[k] * terms[k] for k in TERMS) * backward_scale
-            if loss.requires_grad:
-                loss.backward()
-            terms = {k: v.detach() for k, v in terms.items()}
+        terms = backward_terms(
+            {"reroute": rerouting_loss(h[:, harmful], h0[:, harmful], mb.mask[harmful]),
+             "retain": retain_loss(h[:, retain], h0[:, retain], mb.mask[retain])},
+            {k: coeffs[k] for k in TERMS}, backward_scale)
     return terms, {}
 
 

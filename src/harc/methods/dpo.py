@@ -30,7 +30,7 @@ from harc.losses import Head, head_kl_retain
 from harc.methods.base import Method, register_method
 from harc.methods.batching import REJECTED, Example, MicroBatch, encode_example
 from harc.methods.config import TrainConfig
-from harc.methods.step import autocast, backbone, lm_head, no_input_cast
+from harc.methods.step import autocast, backbone, backward_terms, lm_head, no_input_cast
 
 TERMS = ("dpo", "kl", "reward_margin")
 
@@ -121,12 +121,8 @@ def micro_step(model, mb: MicroBatch, *, beta: float, weights: dict[str, float],
         pi_r = sequence_logps(head, last, mb.rej_rows, mb.rej_cols, mb.rej_targets, B, chunk)
         dpo, margin = dpo_loss(pi_c[chosen], pi_r[rejected], ref_c[chosen], ref_r[rejected], beta)
         kl = head_kl_retain(head, last[mb.kl_rows, mb.kl_cols], h_base, chunk)
-        terms = {"dpo": dpo, "kl": kl, "reward_margin": margin}
-        if backward_scale is not None:
-            loss = (weights["dpo"] * dpo + weights["kl"] * kl) * backward_scale
-            if loss.requires_grad:
-                loss.backward()
-            terms = {k: v.detach() for k, v in terms.items()}
+        terms = backward_terms({"dpo": dpo, "kl": kl, "reward_margin": margin},
+                               {"dpo": weights["dpo"], "kl": weights["kl"]}, backward_scale)
     return terms, {}
 
 

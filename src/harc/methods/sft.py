@@ -16,7 +16,7 @@ from harc.losses import head_kl_retain, head_refusal_ce
 from harc.methods.base import Method, register_method
 from harc.methods.batching import MicroBatch
 from harc.methods.config import TrainConfig
-from harc.methods.step import autocast, backbone, kl_reference, lm_head, no_input_cast
+from harc.methods.step import autocast, backbone, backward_terms, kl_reference, lm_head, no_input_cast
 
 TERMS = ("kl", "ce")
 
@@ -56,12 +56,8 @@ def micro_step(model, mb: MicroBatch, *, weights: dict[str, float],
         ce = head_refusal_ce(head, last[mb.ce_rows, mb.ce_cols], mb.ce_targets, chunk)
         kl = (head_kl_retain(head, last[mb.kl_rows, mb.kl_cols], h_base, chunk)
               if h_base is not None else last.new_zeros((), dtype=torch.float32))
-        terms = {"kl": kl, "ce": ce}
-        if backward_scale is not None:
-            loss = sum(weights[k] * terms[k] for k in TERMS) * backward_scale
-            if loss.requires_grad:
-                loss.backward()
-            terms = {k: v.detach() for k, v in terms.items()}
+        terms = backward_terms({"kl": kl, "ce": ce}, {k: weights[k] for k in TERMS},
+                               backward_scale)
     return terms, {}
 
 

@@ -5,6 +5,7 @@ copy in memory), compiled blocks and activation checkpointing."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 
 import torch
 from peft.helpers import disable_input_dtype_casting
@@ -112,3 +113,15 @@ def kl_reference(model, mb: MicroBatch) -> Tensor | None:
         hb = backbone(model)(input_ids=mb.ids[rr, trim:], attention_mask=mb.mask[rr, trim:],
                              position_ids=mb.pos[rr, trim:], use_cache=False).last_hidden_state
         return hb[mb.kl_sub_rows, mb.kl_cols - trim]
+
+
+def backward_terms(terms: dict[str, Tensor], weights: Mapping[str, float],
+                   scale: float | None) -> dict[str, Tensor]:
+    """A micro-step's terms; with `scale`, first the backward of sum(weights[k] * terms[k]) x
+    scale (terms not in `weights` are only reported), and the terms come back detached."""
+    if scale is None:
+        return terms
+    loss = sum(w * terms[k] for k, w in weights.items()) * scale
+    if loss.requires_grad:
+        loss.backward()
+    return {k: v.detach() for k, v in terms.items()}
