@@ -87,16 +87,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     terms = list(dict.fromkeys(t for s in runs.values() for t in terms_of(s)))
     fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 2.8), squeeze=False)
+    # One colour per run in every panel: a run lacking a term must not shift the others' colours.
+    colours = {name: f"C{i % 10}" for i, name in enumerate(runs)}
     for ax, t in zip(axes[0], terms, strict=True):
         for name, s in runs.items():
             pts = [(r["step"], r[t]) for r in s if t in r and r[t] > 0 and math.isfinite(r[t])]
             if pts:
-                ax.plot(*zip(*pts), lw=0.8, label=name)
+                ax.plot(*zip(*pts), lw=0.8, color=colours[name])
         ax.set_yscale("log")
         ax.set_title(t)
         ax.set_xlabel("step")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
+    fig.legend([plt.Line2D([], [], color=c, lw=1.5) for c in colours.values()], list(colours),
+               loc="lower center", ncol=min(len(colours), 4), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * ((len(colours) + 3) // 4), 1, 1))
     fig.savefig(f"{a.out}.png", dpi=130)
     atomic_write_text(f"{a.out}.json", json.dumps(summary, indent=1))
     return summary

@@ -238,7 +238,7 @@ class Compare:
                       **p.eval_data["over_refusal"]}
         training = [{"prompt": t["prompt"]} for t in p.triples] + [{"prompt": x} for x in p.ext_h]
         split = validation_split(sw, load(sw.harmful), pseudo, evaluation=evaluation,
-                                 training=training)
+                                 training=training, pool=p.pseudo["train"])
         self.sweep_info = {"n_harmful": len(split.harmful), "n_pseudo": len(split.pseudo),
                            "pseudo_train": len(split.pseudo_train), "removed": split.removed,
                            "overlaps_with_evaluation": split.overlaps}

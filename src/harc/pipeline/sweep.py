@@ -132,23 +132,31 @@ def _prompts(records: Sequence) -> list[dict]:
 
 
 def validation_split(s: SweepSettings, harmful: Sequence[dict], pseudo_train: Sequence[dict], *,
-                     evaluation: Mapping[str, Sequence], training: Sequence) -> ValidationSplit:
+                     evaluation: Mapping[str, Sequence], training: Sequence,
+                     pool: Sequence | None = None) -> ValidationSplit:
     """Validation requests (`harmful`, e.g. `load("harmbench-val")`) without near-duplicates of any
-    evaluation set or training / extraction prompt, and a seeded hold-out of `pseudo_train`.
+    evaluation set or training / extraction prompt, and a seeded pseudo-harmful hold-out.
 
     evaluation: every evaluation set by name (records or prompts); training: every harmful prompt
-    that training or extraction sees. Raises when the split leaves nothing to validate on.
+    that training or extraction sees; pool: every pseudo-harmful training prompt, answered by the
+    base model or not. The hold-out is drawn from `pool` (default: the prompts of `pseudo_train`)
+    and removed from `pseudo_train`. Drawn from the answered pairs alone, it would hold no prompt
+    the base model refuses, so "not above the base model's false refusals" would mean zero.
+    Raises when the split leaves nothing to validate on.
     """
     removed = {}
     kept, removed["vs_evaluation"] = dedupe_against(list(harmful),
                                                     *[_prompts(v) for v in evaluation.values()])
     kept, removed["vs_training"] = dedupe_against(kept, _prompts(training))
     kept = kept[: s.n_harmful] if s.n_harmful else kept
-    parts = split(list(pseudo_train), (1 - s.pseudo_fraction, s.pseudo_fraction), seed=s.seed,
+    parts = split(_prompts(pseudo_train if pool is None else pool),
+                  (1 - s.pseudo_fraction, s.pseudo_fraction), seed=s.seed,
                   names=("train", "validate"))
+    held = {r["prompt"] for r in parts["validate"]}
+    train = [r for r in pseudo_train if r["prompt"] not in held]
     val_pseudo, removed["pseudo_vs_evaluation"] = dedupe_against(
         parts["validate"], *[_prompts(v) for v in evaluation.values()])
-    if not kept or not val_pseudo or not parts["train"]:
+    if not kept or not val_pseudo or not train:
         raise HarcError("the validation split is empty (no HarmBench validation request or "
                         "held-out pseudo-harmful prompt left); check sweep.harmful and "
                         "sweep.pseudo_fraction")
@@ -156,8 +164,7 @@ def validation_split(s: SweepSettings, harmful: Sequence[dict], pseudo_train: Se
     for name, recs in evaluation.items():
         both = overlap_counts({"validation": _prompts(kept + val_pseudo), name: _prompts(recs)})
         overlaps[name] = next(iter(both.values()))
-    return ValidationSplit(kept, [r["prompt"] for r in val_pseudo], list(parts["train"]),
-                           removed, overlaps)
+    return ValidationSplit(kept, [r["prompt"] for r in val_pseudo], train, removed, overlaps)
 
 
 def validation_data(v: ValidationSplit) -> dict:

@@ -43,7 +43,8 @@ def plot_tradeoff_plane(points: Sequence[Mapping], *, title: str | None = None,
                     elinewidth=1, capsize=2, zorder=3)
         ax.scatter([p["x"]], [p["y"]], marker=marker, s=150 if marker == "*" else 55,
                    color=color, edgecolor="black" if p.get("pareto") else "white",
-                   linewidth=1.3 if p.get("pareto") else 0.8, zorder=4)
+                   linewidth=1.3 if p.get("pareto") else 0.8,
+                   zorder=5 if marker == "*" else 4)  # the base stays visible under a twin
     xmax = max(p["x_ci"][1] for p in pts)
     ymax = max(p["y_ci"][1] for p in pts)
     ax.set_xlim(0, min(1.0, xmax * 1.15 + 0.03))
@@ -65,22 +66,40 @@ def plot_tradeoff_plane(points: Sequence[Mapping], *, title: str | None = None,
     return _finish(fig, save)
 
 
-# Label offsets in points, tried in order until one is clear of the labels already placed.
-_OFFSETS = ((5, 4), (5, -11), (5, 15), (5, -24), (5, 27), (5, -37))
+# Label offsets in points (dx: 1 right of the point, -1 left of it), nearest first; a label
+# beyond the first ring gets a leader line to its point.
+_RING = ((1, 4), (1, -11), (-1, 4), (-1, -11))
+_OFFSETS = _RING + tuple(sorted(((side, dy) for side in (1, -1) for dy in range(-60, 61, 12)
+                                 if (side, dy) not in _RING), key=lambda o: abs(o[1])))
 
 
 def _labels(ax, pts: Sequence[Mapping]) -> None:
-    """Name each point, moving a label up or down when it would cover one already placed."""
-    placed: list[tuple[float, float, float]] = []  # left, right, baseline in pixels
+    """Name each point at the nearest spot clear of the labels already placed and of the points
+    (Pareto-front points first, so theirs stay closest)."""
     scale = ax.figure.dpi / 72  # points to pixels
+    height, pad = 9 * scale, 6 * scale  # text height; another point's marker and a margin
+    dots = [tuple(ax.transData.transform((p["x"], p["y"]))) for p in pts]
+    placed: list[tuple[float, float, float, float]] = []  # left, right, bottom, top in pixels
+
+    def clear(box, own) -> bool:
+        left, right, bottom, top = box
+        return (all(right < ql or left > qr or top < qb or bottom > qt
+                    for ql, qr, qb, qt in placed)
+                and not any(left - pad < x < right + pad and bottom - pad < y < top + pad
+                            for x, y in dots if (x, y) != own))
+
     for p in sorted(pts, key=lambda p: (not p.get("pareto"), p["x"], p["y"])):
         px, py = ax.transData.transform((p["x"], p["y"]))
         width = 4.6 * len(str(p["name"])) * scale  # 7.5 pt text, about 4.6 pt per character
-        spots = [(px + dx * scale, py + dy * scale) for dx, dy in _OFFSETS]
-        free = [i for i, (sx, sy) in enumerate(spots)
-                if all(sx + width < ql or sx > qr or abs(sy - qy) > 9 * scale
-                       for ql, qr, qy in placed)]
-        i = free[0] if free else 0
-        placed.append((spots[i][0], spots[i][0] + width, spots[i][1]))
-        ax.annotate(p["name"], (p["x"], p["y"]), xytext=_OFFSETS[i], textcoords="offset points",
-                    fontsize=7.5, fontweight="bold" if p.get("pareto") else "normal")
+        boxes = []
+        for side, dy in _OFFSETS:
+            left = px + 5 * scale if side > 0 else px - 5 * scale - width
+            boxes.append((left, left + width, py + dy * scale, py + dy * scale + height))
+        i = next((k for k, box in enumerate(boxes) if clear(box, (px, py))), 0)
+        placed.append(boxes[i])
+        side, dy = _OFFSETS[i]
+        ax.annotate(p["name"], (p["x"], p["y"]), xytext=(5 * side, dy), textcoords="offset points",
+                    ha="left" if side > 0 else "right", fontsize=7.5,
+                    fontweight="bold" if p.get("pareto") else "normal", zorder=6,
+                    arrowprops=None if i < len(_RING) else
+                    {"arrowstyle": "-", "color": "0.25", "lw": 0.6, "shrinkA": 0, "shrinkB": 2})

@@ -164,3 +164,29 @@ def test_png_bytes_data_uri_and_atomic_save(tmp_path):
 
     w, h = Image.open(io.BytesIO(png)).size
     assert (w, h) == (round(7.5 * plots.DPI), round(3.6 * plots.DPI))
+
+
+def test_tradeoff_plane_labels_cover_neither_each_other_nor_other_points():
+    from matplotlib.text import Text
+
+    from harc.report.tradeoff import plot_tradeoff_plane
+
+    # A dense cluster, like a compare report's trained methods: every label must stay legible and
+    # beside no other policy's point; a label moved away gets a leader line to its own point.
+    pts = [{"name": f"policy-{i}", "kind": "method", "x": 0.45 + 0.012 * (i % 4),
+            "x_ci": (0.4, 0.5), "y": 0.42 + 0.015 * (i // 4), "y_ci": (0.38, 0.46),
+            "pareto": i == 0} for i in range(12)]
+    fig = plot_tradeoff_plane(pts)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in ax.texts if t.get_text().startswith("policy-")]
+    assert len(texts) == 12
+    # The text's own box (an annotation's extent would include its leader line).
+    boxes = [Text.get_window_extent(t, renderer) for t in texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    dots = {p["name"]: ax.transData.transform((p["x"], p["y"])) for p in pts}
+    for t, box in zip(texts, boxes, strict=True):
+        others = [xy for name, xy in dots.items() if name != t.get_text()]
+        assert not any(box.contains(*xy) for xy in others), t.get_text()
+    assert any(t.arrow_patch is not None for t in texts)
