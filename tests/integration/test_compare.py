@@ -49,6 +49,23 @@ def test_compare_splits_over_invocations_and_resumes(run_config):
     assert {p: p.stat().st_mtime for p in out.rglob("stage.json")} == stamps
 
 
+def test_compare_runs_entries_in_parallel_processes(run_config):
+    path, out = run_config
+    over = [f"output_dir={out}", "steps=2", "refresh_every=0", "run.filters=[]",
+            "eval.attacks=[direct]", "compare.latency_n=0", "compare.bootstrap=200",
+            "compare.methods=[harc, {name: sft, method: sft}, "
+            "{name: harc+sft, method: sft, init: harc}]", "compare.layers=[keyword]"]
+    harc_main(["compare", "--config", str(path), *over, "--jobs", "2"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["compare"]["missing"] == []
+    assert _names(out) == ["base", "base+keyword", "harc", "harc+keyword", "sft", "harc+sft"]
+    # harc+sft starts from harc's adapter, so both ran in one child; sft in the other.
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    assert set(logs) == {"harc.log", "sft.log"}
+    assert "training harc " in logs["harc.log"] and "training harc+sft" in logs["harc.log"]
+    assert "training sft" in logs["sft.log"] and "training harc" not in logs["sft.log"]
+
+
 def test_compare_on_the_builtin_model_with_every_method_and_layer(tmp_path):
     controls = f", {CONTROLS}" if "control" in HarcConfig.model_fields else ""
     over = [f"output_dir={tmp_path / 'out'}", "steps=2", "warmup_steps=1", "n_boot=5",

@@ -10,13 +10,16 @@ so that the same command resumes, and `--only` can split the entries over severa
     methods/<entry>/train                one run folder per trained entry
     methods/<entry>/eval/<policy>        the entry alone (and, in `stack_on`, under each layer)
     results.json, report/                every finished policy, whichever session ran it
+    logs/                                the output of each `--jobs` process
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -180,10 +183,15 @@ class Compare:
         self.p = Pipeline(cc.run, log, progress)
         self.root = self.p.root
 
-    def run(self, only: list[str] | None = None) -> dict:
+    def run(self, only: list[str] | None = None, jobs: int = 1,
+            command: list[str] | None = None) -> dict:
         """Run (or resume) the shared stages, then the entries (those in `only`, or all), then
         the report over every finished policy; returns the report's paths. `only=[]` trains and
-        evaluates nothing: the report over what is finished (the shared stages must be)."""
+        evaluates nothing: the report over what is finished (the shared stages must be).
+
+        jobs > 1 with `command` (this comparison's `harc compare` command line, without --only):
+        once the shared stages and the base model are done, the entries run in up to `jobs`
+        processes at once (`command --only GROUP`); this process then finishes what they left."""
         known = [e.name for e in self.cc.entries]
         unknown = [n for n in only or [] if n not in known]
         if unknown:
@@ -198,6 +206,8 @@ class Compare:
         if self.split is not None:
             self.validate(BASE, p.model, None, None)
         self.latency()
+        if jobs > 1 and command:
+            self.fan_out(entry_groups(self.cc.entries, only), jobs, command)
         for e in self.cc.entries:
             if only is not None and e.name not in only:
                 continue
@@ -226,6 +236,25 @@ class Compare:
         model = self._load(e)
         self.evaluate(e.name, model, str(self._adapter(e.name)), key, labels[1:])
         p.model = model.unload()  # the bare base again, for the next entry
+
+    def fan_out(self, groups: list[list[str]], jobs: int, command: list[str]) -> None:
+        """Each group in its own `command --only GROUP` process, `jobs` at a time, logged to
+        logs/<group>.log. A small model leaves the GPU launch-bound, so processes sharing it
+        finish sooner; a failed group is retried by the caller, in this process."""
+        logs = self.root / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+
+        def one(group: list[str]) -> None:
+            log = logs / f"{group[0]}.log"
+            self.log(f"starting {', '.join(group)} in its own process ({log})")
+            with open(log, "w") as f:
+                rc = subprocess.run([*command, "--only", ",".join(group)], stdout=f,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+            self.log(f"{', '.join(group)}: " + ("done" if rc == 0 else
+                                                f"exit {rc}; retried here, see {log}"))
+
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(one, groups))
 
     # ---- the sweep: choices made on validation only
     def _validation_split(self):
@@ -468,7 +497,20 @@ class Compare:
         return write_compare_report(results, self.root / "report")
 
 
+def entry_groups(entries: list[Entry], only: list[str] | None = None) -> list[list[str]]:
+    """The entries to run (those in `only`, or all) in groups that can run in separate processes,
+    in config order: an entry whose `init` chain leads to another entry joins that entry's group,
+    since training it trains its predecessor first."""
+    root: dict[str, str] = {}
+    groups: dict[str, list[str]] = {}
+    for e in entries:
+        root[e.name] = root.get(e.init, e.init) if e.init else e.name
+        if only is None or e.name in only:
+            groups.setdefault(root[e.name], []).append(e.name)
+    return list(groups.values())
+
+
 def run_compare(cc: CompareConfig, only: list[str] | None = None, log=print,
-                progress=None) -> dict:
+                progress=None, jobs: int = 1, command: list[str] | None = None) -> dict:
     """Run (or resume) `harc compare`; returns the paths of the report files."""
-    return Compare(cc, log, progress).run(only)
+    return Compare(cc, log, progress).run(only, jobs, command)

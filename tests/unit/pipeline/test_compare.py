@@ -13,7 +13,7 @@ from tiny import tiny_model
 from harc.errors import HarcError
 from harc.lora import attach_lora, load_adapter
 from harc.methods.harc import HarcConfig
-from harc.pipeline.compare import load_compare_config, stack_adapters
+from harc.pipeline.compare import entry_groups, load_compare_config, stack_adapters
 from harc.report.compare import asr_interval, false_refusal, tradeoff, write_compare_report
 from harc.stats import wilson
 
@@ -68,6 +68,16 @@ def test_controls_are_harc_entries_with_a_control_key(run_config):
                            "control: shuffled_labels}, {name: harc-random, method: harc, "
                            "control: random_direction}]")
     assert [e.cfg.control for e in cc.entries[1:]] == ["shuffled_labels", "random_direction"]
+
+
+def test_entry_groups_keep_an_init_chain_in_one_process(run_config):
+    cc = _load(run_config, "compare.methods=[harc, {name: sft, method: sft}, "
+                           "{name: hd, method: dpo, init: harc}, {name: hd2, method: sft, "
+                           "init: hd}, {name: s2, method: sft, init: sft}, {name: dpo, "
+                           "method: dpo}]")
+    assert entry_groups(cc.entries) == [["harc", "hd", "hd2"], ["sft", "s2"], ["dpo"]]
+    assert entry_groups(cc.entries, ["hd2", "dpo", "s2"]) == [["hd2"], ["s2"], ["dpo"]]
+    assert entry_groups(cc.entries, []) == []
 
 
 # ---- trade-off statistics ------------------------------------------------------------------------
