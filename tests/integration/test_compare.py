@@ -117,3 +117,7 @@ def test_sweep_chooses_on_validation_and_evaluates_only_the_choice(run_config, t
     assert sw["chosen"] in names and not set(grid) - {sw["chosen"]} & set(names)
     assert res["compare"]["missing"] == []
     assert "Validation sweep" in (out / "report" / "report.md").read_text()
+    # Another hold-out trains on other pseudo-harmful prompts: no finished result is reused.
+    run_compare(load_compare_config(path, [*over, "compare.sweep.pseudo_fraction=0.6"]), only=[],
+                log=lambda m: None)
+    assert "harc" in json.loads((out / "results.json").read_text())["compare"]["missing"]

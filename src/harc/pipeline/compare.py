@@ -317,8 +317,10 @@ class Compare:
     def _train_stage(self, e: Entry) -> Stage:
         p = self.p
         init = self._train_stage(self._entry(e.init)).hash if e.init else None
+        # The data too: the sweep's hold-out decides which pseudo-harmful prompts train.
         return Stage(self.root / "methods" / e.name, "train", [
-            to_dict(e.cfg), p.synth_stage.hash, p.extract_stage.hash, init])
+            to_dict(e.cfg), p.synth_stage.hash, p.extract_stage.hash, init,
+            sha256_json(self.data[e.name])])
 
     def _entry(self, name: str) -> Entry:
         return next(e for e in self.cc.entries if e.name == name)
