@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -37,6 +35,7 @@ from harc.lora import load_adapter
 from harc.methods import METHODS, PIPELINE_SECTIONS, TrainConfig, Trainer, config_from_raw
 from harc.models import environment, unwrap
 from harc.pipeline.config import RunConfig, load_run_config, plugin_spec
+from harc.pipeline.jobs import entry_groups, run_groups
 from harc.pipeline.run import Pipeline
 from harc.pipeline.stages import Stage, read_jsonl
 from harc.pipeline.sweep import (
@@ -207,7 +206,8 @@ class Compare:
             self.validate(BASE, p.model, None, None)
         self.latency()
         if jobs > 1 and command:
-            self.fan_out(entry_groups(self.cc.entries, only), jobs, command)
+            run_groups(entry_groups(self.cc.entries, only), jobs, command, self.root / "logs",
+                       self.log)
         for e in self.cc.entries:
             if only is not None and e.name not in only:
                 continue
@@ -236,25 +236,6 @@ class Compare:
         model = self._load(e)
         self.evaluate(e.name, model, str(self._adapter(e.name)), key, labels[1:])
         p.model = model.unload()  # the bare base again, for the next entry
-
-    def fan_out(self, groups: list[list[str]], jobs: int, command: list[str]) -> None:
-        """Each group in its own `command --only GROUP` process, `jobs` at a time, logged to
-        logs/<group>.log. A small model leaves the GPU launch-bound, so processes sharing it
-        finish sooner; a failed group is retried by the caller, in this process."""
-        logs = self.root / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-
-        def one(group: list[str]) -> None:
-            log = logs / f"{group[0]}.log"
-            self.log(f"starting {', '.join(group)} in its own process ({log})")
-            with open(log, "w") as f:
-                rc = subprocess.run([*command, "--only", ",".join(group)], stdout=f,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
-            self.log(f"{', '.join(group)}: " + ("done" if rc == 0 else
-                                                f"exit {rc}; retried here, see {log}"))
-
-        with ThreadPoolExecutor(jobs) as pool:
-            list(pool.map(one, groups))
 
     # ---- the sweep: choices made on validation only
     def _validation_split(self):
@@ -497,19 +478,6 @@ class Compare:
         }
         atomic_write_json(self.root / "results.json", results)
         return write_compare_report(results, self.root / "report")
-
-
-def entry_groups(entries: list[Entry], only: list[str] | None = None) -> list[list[str]]:
-    """The entries to run (those in `only`, or all) in groups that can run in separate processes,
-    in config order: an entry whose `init` chain leads to another entry joins that entry's group,
-    since training it trains its predecessor first."""
-    root: dict[str, str] = {}
-    groups: dict[str, list[str]] = {}
-    for e in entries:
-        root[e.name] = root.get(e.init, e.init) if e.init else e.name
-        if only is None or e.name in only:
-            groups.setdefault(root[e.name], []).append(e.name)
-    return list(groups.values())
 
 
 def run_compare(cc: CompareConfig, only: list[str] | None = None, log=print,

@@ -13,7 +13,8 @@ from tiny import tiny_model
 from harc.errors import HarcError
 from harc.lora import attach_lora, load_adapter
 from harc.methods.harc import HarcConfig
-from harc.pipeline.compare import entry_groups, load_compare_config, stack_adapters
+from harc.pipeline.compare import load_compare_config, stack_adapters
+from harc.pipeline.jobs import entry_groups
 from harc.report.compare import asr_interval, false_refusal, tradeoff, write_compare_report
 from harc.stats import wilson
 
