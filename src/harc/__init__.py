@@ -11,8 +11,7 @@ Names are imported on first use (PEP 562), so `import harc.errors` or `harc --he
 for torch, transformers and peft.
 """
 
-import importlib
-
+from harc._lazy import lazy_getattr
 from harc._version import __version__ as __version__
 
 _WHERE = {
@@ -37,12 +36,7 @@ _WHERE = {
 __all__ = sorted([*_WHERE, "__version__"])
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'harc' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _WHERE)
 
 
 def __dir__() -> list[str]:

@@ -4,7 +4,7 @@ them, and the accessors that read its results.
 The engine (torch) is imported on first use, so the plugin registries stay cheap to import.
 """
 
-import importlib
+from harc._lazy import lazy_getattr
 
 _WHERE = {"EvalConfig": "harc.eval.config", "load_eval_data": "harc.eval.data",
           "Evaluator": "harc.eval.engine", "GenerationCache": "harc.eval.engine",
@@ -13,9 +13,4 @@ _WHERE = {"EvalConfig": "harc.eval.config", "load_eval_data": "harc.eval.data",
 __all__ = ["EvalConfig", "Evaluator", "GenerationCache", "adapter_fingerprint", "load_eval_data"]
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module 'harc.eval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _WHERE)
