@@ -199,6 +199,8 @@ class Compare:
         p.shared_stages()
         self.split = self._validation_split()
         self.data = {e.name: self._prepare(e) for e in self.cc.entries}
+        # Hashed once: every stage key of an entry (train, eval, validation) starts from it.
+        self.data_hash = {name: sha256_json(d) for name, d in self.data.items()}
         if only == []:
             return self.report()
         self.evaluate(BASE, p.model, None, None, self._labels())
@@ -301,7 +303,7 @@ class Compare:
         # The data too: the sweep's hold-out decides which pseudo-harmful prompts train.
         return Stage(self.root / "methods" / e.name, "train", [
             to_dict(e.cfg), p.synth_stage.hash, p.extract_stage.hash, init,
-            sha256_json(self.data[e.name])])
+            self.data_hash[e.name]])
 
     def _entry(self, name: str) -> Entry:
         return next(e for e in self.cc.entries if e.name == name)
