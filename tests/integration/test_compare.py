@@ -64,6 +64,9 @@ def test_compare_runs_entries_in_parallel_processes(run_config):
     assert set(logs) == {"harc.log", "sft.log"}
     assert "training harc " in logs["harc.log"] and "training harc+sft" in logs["harc.log"]
     assert "training sft" in logs["sft.log"] and "training harc" not in logs["sft.log"]
+    # A rerun (here with nothing left to do) keeps what the earlier processes logged.
+    harc_main(["compare", "--config", str(path), *over, "--jobs", "2"])
+    assert (out / "logs" / "harc.log").read_text().startswith(logs["harc.log"])
 
 
 def test_compare_on_the_builtin_model_with_every_method_and_layer(tmp_path):

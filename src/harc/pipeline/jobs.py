@@ -24,14 +24,15 @@ def entry_groups(entries: Sequence, only: Sequence[str] | None = None) -> list[l
 
 def run_groups(groups: list[list[str]], jobs: int, command: list[str], logs: Path,
                log: Callable[[str], None]) -> None:
-    """Each group in its own `command --only GROUP` process, `jobs` at a time, logged to
-    `logs/<first entry>.log`. A failed group is only reported: the caller finishes what is left."""
+    """Each group in its own `command --only GROUP` process, `jobs` at a time, appended to
+    `logs/<first entry>.log` (a rerun keeps the log of the process that failed before). A failed
+    group is only reported: the caller finishes what is left."""
     logs.mkdir(parents=True, exist_ok=True)
 
     def one(group: list[str]) -> None:
         path = logs / f"{group[0]}.log"
         log(f"starting {', '.join(group)} in its own process ({path})")
-        with open(path, "w") as f:
+        with open(path, "a") as f:
             rc = subprocess.run([*command, "--only", ",".join(group)], stdout=f,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
         log(f"{', '.join(group)}: " + ("done" if rc == 0 else
