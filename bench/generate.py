@@ -26,10 +26,14 @@ Cases (--cases, in this order; each one that fails is recorded and the next one 
   tokens differ between the engines; harc's decoder also once per attack, as the evaluator calls
   it (a lower bound on its speed-up: the old engine ran on the mixed set).
 
-Roofline: one decode step reads every weight byte once plus each row's KV cache so far,
+Roofline: one decode step reads every weight byte once (an untied input embedding excepted: a
+step reads one row of it per sequence) plus each row's KV cache so far,
 2 * layers * kv_heads * head_dim * seq_len * dtype bytes per row; averaged over the decode steps.
 floor = bytes / --peak-bw (H200: 4.8e12 B/s); fraction = floor / measured ms per step. For `real`
 the steps are harc's own, their time includes prefill, and the KV bytes are the rows' ideal ones.
+--profile N adds, per `dims` batch on CUDA, the GPU time of a decode step by kernel kind (GEMM,
+decode attention, norms, copies, other element-wise) and the GEMMs' FLOP rate, with and without
+CUDA graphs.
 """
 
 from __future__ import annotations
@@ -95,10 +99,14 @@ def card(dev: torch.device) -> str:
 
 
 def model_bytes(model) -> tuple[int, int]:
-    """(weight bytes, KV-cache bytes per token) of a decoder."""
+    """(weight bytes one decode step reads, KV-cache bytes per token) of a decoder. An untied input
+    embedding is left out: a step reads one of its rows per sequence, not the table."""
     from harc.models import decoder_layers, unwrap
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if emb.data_ptr() != head.data_ptr():
+        weights -= emb.numel() * emb.element_size()
     cfg = unwrap(model).config
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
@@ -235,6 +243,58 @@ def measure(engine: str, n_new: int, *, args, model, seqs, weights, kv_token, t1
     return toks, t1, rec
 
 
+KERNEL_KINDS = (  # (kind, substrings of a CUDA kernel's name), first match wins
+    ("gemm", ("gemm", "xmma", "nvjet", "cutlass", "cublas", "splitk")),
+    ("attention (prefill)", ("flash", "fmha", "attention")),
+    ("rms norm (triton)", ("rms_norm_rows",)),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill")),
+)
+DECODE_ATTN_KERNELS = ("fwd", "reduce")  # harc._decode_attn's Triton kernels, by their own names
+
+
+def kernel_kind(name: str) -> str:
+    if name in DECODE_ATTN_KERNELS:
+        return "decode attention (triton)"
+    low = name.lower()
+    return next((k for k, subs in KERNEL_KINDS if any(s in low for s in subs)), "other element-wise")
+
+
+def profile_decode(model, seqs, n_new: int, graphs: bool) -> dict:
+    """GPU time per decode step by kernel kind: CUDA kernel time of a run with n_new + 1 tokens less
+    that of a run with 1 (prefill and start-up cancel), over n_new steps; also the FLOP rate of the
+    GEMMs. Kernels replayed from CUDA graphs are counted where CUPTI reports them (`kernels`)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    def kernels(max_new: int) -> dict[str, float]:
+        by: dict[str, float] = {}
+        with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.no_grad():
+            generate_tokens(model, seqs, eos_ids=[], pad_id=0, max_new_tokens=max_new,
+                            batch_size=len(seqs), finish=lambda *a: None, graphs=graphs)
+            torch.cuda.synchronize()
+        for e in prof.events():
+            if e.device_type == DeviceType.CUDA:
+                by[e.name] = by.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
+        return by
+
+    short, long = kernels(1), kernels(n_new + 1)
+    per = {k: (long.get(k, 0.0) - short.get(k, 0.0)) / n_new for k in long}
+    kinds: dict[str, float] = {}
+    for name, ms in per.items():
+        kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    n_mm = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    if emb.data_ptr() != head.data_ptr():  # a lookup, not a GEMM
+        n_mm -= emb.numel()
+    flops = 2 * len(seqs) * n_mm
+    gemm_ms = kinds.get("gemm", 0.0)
+    top = sorted(per.items(), key=lambda kv: -kv[1])[:25]
+    return {"graphs": graphs, "kernels": len(long), "gpu_ms_per_step": sum(kinds.values()),
+            "ms_per_step_by_kind": kinds, "gemm_flops_per_step": flops,
+            "gemm_tflops": flops / gemm_ms / 1e9 if gemm_ms > 0 else None,
+            "top_kernels_ms_per_step": dict(top)}
+
+
 def case_dims(args, dev, arch: str) -> dict:
     import transformers
 
@@ -268,6 +328,14 @@ def case_dims(args, dev, arch: str) -> dict:
             r["speedup_decode"] = rec["old"]["ms_per_step"] / r["ms_per_step"]
             r["differing_rows"] = differing(old_toks, [t[:n_old] for t in toks])
             rec[new_key(v)] = r
+        if args.profile and dev.type == "cuda":
+            for graphs in (True, False):
+                try:
+                    rec[f"profile_{'graphs' if graphs else 'eager'}"] = profile_decode(
+                        model, seqs, args.profile, graphs)
+                except Exception as e:  # the timings above stand without it
+                    rec[f"profile_{'graphs' if graphs else 'eager'}"] = {
+                        "error": f"{type(e).__name__}: {e}"[:300]}
         out["batches"][str(batch)] = rec
     del model
     gc.collect()
@@ -423,6 +491,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256, help="rows in flight for `real`")
     ap.add_argument("--peak-bw", type=float, default=4.8e12, help="bytes/s (H200: 4.8e12)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="`dims` on CUDA: GPU time per decode step by kernel kind over N steps, "
+                         "with and without CUDA graphs (torch.profiler)")
     args = ap.parse_args()
     for v in args.decode_kernels.split(","):
         if v != "default" and (v.count("/") != 1 or v.split("/")[0] not in ("sdpa", "triton")
