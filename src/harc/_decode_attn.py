@@ -102,16 +102,22 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_splits(rows: int, kv_heads: int, width: int, device: torch.device) -> int:
-    """Programs per (row, KV head): about 8 per SM in all, each over at least 128 columns."""
-    want = -(-8 * _sm_count(device) // (rows * kv_heads))
-    return max(1, min(MAX_SPLITS, want, -(-width // 128)))
+    """Programs per (row, KV head): one per SM in all, each over at least 256 columns. Splitting
+    only pays when the (row, KV head) programs cannot fill the SMs: on an H200 one split was the
+    fastest at 256-2048 such programs of 364-664 columns, and the old target of 8 programs per SM
+    made the kernel 1.0-2.6x slower (bench/decode_attn.py, docs/performance.md)."""
+    want = -(-_sm_count(device) // (rows * kv_heads))
+    return max(1, min(MAX_SPLITS, want, width // 256))
 
 
 def attend(query: Tensor, key: Tensor, value: Tensor, lens: Tensor, scale: float | None,
-           splits: int | None = None) -> Tensor | None:
+           splits: int | None = None, block_n: int | None = None, num_warps: int = 4,
+           num_stages: int = 2) -> Tensor | None:
     """softmax(q k^T * scale) v over each row's first `lens[r]` columns (clamped to the width), as
     [B, 1, Hq, D]; query head h reads KV head h // (Hq / Hkv), as in transformers' `repeat_kv`.
-    None when the kernel does not fit the inputs or has failed (then it warned once)."""
+    None when the kernel does not fit the inputs or has failed (then it warned once). `splits`,
+    `block_n` (columns per loop step), `num_warps` and `num_stages` are the launch parameters
+    that `bench/decode_attn.py` tunes."""
     if _broken or not fits(query, key, value, lens):
         return None
     b, hq, _, d = query.shape
@@ -130,8 +136,10 @@ def attend(query: Tensor, key: Tensor, value: Tensor, lens: Tensor, scale: float
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), out.stride(0), out.stride(2),
             width, splits, scale * math.log2(math.e),
-            G=g, GP=max(16, 1 << (g - 1).bit_length()), D=d, BLOCK_N=64 if d <= 128 else 32,
-            F32DOT=query.dtype == torch.float32 or _interpreted(), num_warps=4, num_stages=2)
+            G=g, GP=max(16, 1 << (g - 1).bit_length()), D=d,
+            BLOCK_N=block_n or (64 if d <= 128 else 32),
+            F32DOT=query.dtype == torch.float32 or _interpreted(), num_warps=num_warps,
+            num_stages=num_stages)
         if splits > 1:
             reduce[(b, hq)](part, lse, out, out.stride(0), out.stride(2), splits,
                             D=d, SP=MAX_SPLITS, num_warps=4)
