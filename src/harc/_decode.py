@@ -174,17 +174,23 @@ class CudaGraphs:
         self.pool = None
         self.side = torch.cuda.Stream()  # one stream: the allocator caches blocks per stream
         self.seconds = 0.0  # spent capturing (warm-up steps excluded)
+        # eager warm-up steps: real steps, but slow ones, which a benchmark of replays leaves out
+        self.warmup_seconds, self.warmup_steps = 0.0, 0
 
     def run(self, key, fn: Callable[[], None]) -> None:
         g = self.graphs.get(key)
         if g is not None:
             g.replay()
             return
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         self.side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.side):
             fn()
         torch.cuda.current_stream().wait_stream(self.side)
         torch.cuda.synchronize()
+        self.warmup_steps += 1
+        self.warmup_seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
@@ -312,7 +318,9 @@ class Engine:
             return
         try:
             self.graphs.run((b, width), partial(self._step, b, width))
-            self.stats["graphs"], self.stats["capture_s"] = len(self.graphs.graphs), self.graphs.seconds
+            g = self.graphs
+            self.stats.update(graphs=len(g.graphs), capture_s=g.seconds,
+                              warmup_s=g.warmup_seconds, warmup_steps=g.warmup_steps)
             self.stats["decode_attn"] = _decode_path[0]  # as captured (replays run no Python)
         except Unsupported:
             raise

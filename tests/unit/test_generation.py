@@ -256,6 +256,7 @@ class FakeGraphs:
 
     def __init__(self):
         self.graphs, self.seconds = {}, 0.0
+        self.warmup_seconds, self.warmup_steps = 0.0, 0
 
     def run(self, key, fn):
         engine, (b, width) = fn.func.__self__, key
@@ -266,6 +267,7 @@ class FakeGraphs:
             self.graphs[key]()
             return
         fn()
+        self.warmup_steps += 1
         saved = ({k: t.clone() for k, t in engine.st.items()},
                  [(k.clone(), v.clone()) for k, v in zip(engine.cache.k, engine.cache.v)])
         with NoSync():
@@ -291,6 +293,7 @@ def test_graph_path_is_capture_safe_and_matches_reference(monkeypatch, window):
     _, _, stats = compacting_stops(model, tok, prompts, 8,
                                    engine=dict(graphs=True, window=window, min_rows=1))
     assert stats["graphs"] > 1 and stats["eager_fallback"] is None and stats["fills"] > 1
+    assert stats["warmup_steps"] == stats["graphs"]  # each capture follows one eager step
     if window > 1:  # one width per window (exact widths make every step a new one at window 1)
         assert stats["steps"] > stats["graphs"]  # most steps were replays
 
