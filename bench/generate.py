@@ -16,9 +16,10 @@ Cases (--cases, in this order; each one that fails is recorded and the next one 
   device, --batches rows of random token prompts of --prompt-lens tokens, --max-new-tokens with
   no early stop. Each engine runs twice, with 1 and with N new tokens: ms per decode step is
   (t_N - t_1) / (N - 1), so prefill is left out. harc's decoder runs once per --decode-kernels
-  variant ATTN/NORM (HARC_DECODE_ATTN=sdpa|triton, HARC_DECODE_NORM=torch|triton; `default`
-  leaves both unset: triton on CUDA), recorded as new[ATTN/NORM] (`new` for default). Its t_1 is
-  taken once per NORM: prefill never runs the decode attention. --old-max-new-tokens shortens the
+  variant ATTN/NORM[/ROPE] (HARC_DECODE_ATTN=sdpa|triton, HARC_DECODE_NORM=torch|triton,
+  HARC_DECODE_ROPE=torch|triton; `default` leaves them unset: triton on CUDA), recorded as
+  new[VARIANT] (`new` for default). Its t_1 is taken once per NORM/ROPE: prefill never runs the
+  decode attention. --old-max-new-tokens shortens the
   old engine's run (its ms per step from fewer steps; differing rows over those tokens).
 - real: --model (loaded with harc.models.load_model) on a realistic mix: harc attacks (--attacks,
   long templates such as dan included) applied to --n-requests HarmBench requests, plus as many
@@ -125,8 +126,8 @@ def timed(dev, fn) -> float:
 
 @contextmanager
 def kernels(variant: str):
-    """HARC_DECODE_ATTN and HARC_DECODE_NORM set for a --decode-kernels variant ATTN/NORM."""
-    names = ("HARC_DECODE_ATTN", "HARC_DECODE_NORM")
+    """HARC_DECODE_ATTN, _NORM and _ROPE set for a --decode-kernels variant ATTN/NORM[/ROPE]."""
+    names = ("HARC_DECODE_ATTN", "HARC_DECODE_NORM", "HARC_DECODE_ROPE")
     old = {k: os.environ.get(k) for k in names}
     if variant != "default":
         for k, v in zip(names, variant.split("/")):
@@ -328,9 +329,9 @@ def case_dims(args, dev, arch: str) -> dict:
                "old_max_new_tokens": n_old}
         same = dict(args=args, model=model, seqs=seqs, weights=weights, kv_token=kv_token)
         old_toks, _, rec["old"] = measure("old", n_old, **same)
-        prefill: dict[str, float] = {}  # t_1 per NORM setting
+        prefill: dict[str, float] = {}  # t_1 per NORM/ROPE setting
         for v in variants:
-            norm = v.split("/")[-1] if v != "default" else v
+            norm = "/".join(v.split("/")[1:]) if v != "default" else v
             with kernels(v):
                 toks, prefill[norm], r = measure("new", n, t1=prefill.get(norm), **same)
             r["speedup_decode"] = rec["old"]["ms_per_step"] / r["ms_per_step"]
@@ -492,7 +493,8 @@ def main() -> None:
     ap.add_argument("--old-max-new-tokens", type=int, default=None,
                     help="new tokens of the old engine in `dims` (default: --max-new-tokens)")
     ap.add_argument("--decode-kernels", default="default",
-                    help="`dims`: harc's decoder once per ATTN/NORM, e.g. sdpa/torch,triton/triton")
+                    help="`dims`: harc's decoder once per ATTN/NORM[/ROPE], e.g. "
+                         "sdpa/torch/torch,triton/triton/triton")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--attacks", default=DEFAULT_ATTACKS)
     ap.add_argument("--n-requests", type=int, default=40)
@@ -504,9 +506,11 @@ def main() -> None:
                          "with and without CUDA graphs (torch.profiler)")
     args = ap.parse_args()
     for v in args.decode_kernels.split(","):
-        if v != "default" and (v.count("/") != 1 or v.split("/")[0] not in ("sdpa", "triton")
-                               or v.split("/")[1] not in ("torch", "triton")):
-            ap.error(f"--decode-kernels: {v!r} is not ATTN/NORM (sdpa|triton / torch|triton) or default")
+        parts = v.split("/")
+        if v != "default" and (len(parts) not in (2, 3) or parts[0] not in ("sdpa", "triton")
+                               or any(x not in ("torch", "triton") for x in parts[1:])):
+            ap.error(f"--decode-kernels: {v!r} is not ATTN/NORM[/ROPE] (sdpa|triton / torch|triton"
+                     " / torch|triton) or default")
     if args.quick:
         args.device = args.device or "cpu"
         args.archs, args.batches, args.prompt_lens, args.max_new_tokens = "tiny", "8,16", "30-60", 16

@@ -408,3 +408,17 @@ def test_triton_rmsnorm_matches_reference_and_is_removed_afterwards(monkeypatch)
     ref, new, stats = run_both(model, tok, PROMPTS[:3], max_new=6)
     assert new == ref and stats["fused_norms"] == 2 * 2 + 1
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_triton_rotary_matches_reference_and_is_removed_afterwards(monkeypatch):
+    pytest.importorskip("triton")
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel under Triton's interpreter on CPU")
+    from transformers.models.qwen2 import modeling_qwen2
+
+    monkeypatch.setenv("HARC_DECODE_ROPE", "triton")
+    original = modeling_qwen2.apply_rotary_pos_emb
+    tok, model = tiny_tokenizer("qwen2.5"), sharp(tiny_model("qwen2", n_layers=2))
+    ref, new, stats = run_both(model, tok, PROMPTS[:3], max_new=6)
+    assert new == ref and stats["fused_rotary"] == 1
+    assert modeling_qwen2.apply_rotary_pos_emb is original
