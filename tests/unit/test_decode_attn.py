@@ -4,27 +4,23 @@ a non-contiguous query, as the engine passes them. On CUDA the compiled kernels 
 they run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before Triton is
 imported)."""
 
-import os
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from triton_kernels import forget_failures, kernel_device
 
 from harc import _decode_attn as da
 from harc.errors import HarcError
 
 pytestmark = pytest.mark.unit
-pytest.importorskip("triton")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and Triton's interpreter is off", allow_module_level=True)
+DEV = kernel_device()
 
 
 @pytest.fixture(autouse=True)
 def no_failure_remembered(monkeypatch):
-    monkeypatch.delenv("HARC_DECODE_ATTN", raising=False)
-    monkeypatch.setattr(da, "_broken", [])
+    forget_failures(monkeypatch, da, "HARC_DECODE_ATTN")
 
 
 def inputs(b, hq, hkv, d, width, dtype, seed=0, length=None):

@@ -3,28 +3,24 @@ CUDA the compiled kernel runs; without a GPU it runs under Triton's interpreter 
 tests/unit/test_decode_attn.py), whose float-to-bf16 casts truncate: bf16 is compared within
 rounding there, float16 (rounded to nearest, like the GPU) almost bit for bit."""
 
-import os
 
 import pytest
 import torch
 from tiny import tiny_model
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+from triton_kernels import forget_failures, kernel_device
 
 from harc import _decode_norm as dn
 from harc.errors import HarcError
 
 pytestmark = pytest.mark.unit
-pytest.importorskip("triton")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and Triton's interpreter is off", allow_module_level=True)
+DEV = kernel_device()
 
 
 @pytest.fixture(autouse=True)
 def no_failure_remembered(monkeypatch):
-    monkeypatch.delenv("HARC_DECODE_NORM", raising=False)
-    monkeypatch.setattr(dn, "_broken", [])
+    forget_failures(monkeypatch, dn, "HARC_DECODE_NORM")
 
 
 def norm(cls, n, dtype, seed=0):

@@ -3,27 +3,23 @@ into a model's modules. On CUDA the compiled kernel runs; without a GPU it runs 
 interpreter (see tests/unit/test_decode_attn.py), whose float-to-bf16 casts truncate: bf16 is
 compared within rounding there, float32 and float16 (rounded to nearest) exactly."""
 
-import os
 
 import pytest
 import torch
 from tiny import tiny_model
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
+from triton_kernels import forget_failures, kernel_device
 
 from harc import _decode_rope as dr
 
 pytestmark = pytest.mark.unit
-pytest.importorskip("triton")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU and Triton's interpreter is off", allow_module_level=True)
+DEV = kernel_device()
 
 
 @pytest.fixture(autouse=True)
 def no_failure_remembered(monkeypatch):
-    monkeypatch.delenv("HARC_DECODE_ROPE", raising=False)
-    monkeypatch.setattr(dr, "_broken", [])
+    forget_failures(monkeypatch, dr, "HARC_DECODE_ROPE")
 
 
 def inputs(b, hq, hk, t, d, dtype, cos_rows=None, seed=0):
