@@ -42,7 +42,7 @@ from harc.directions import Directions  # noqa: E402
 from harc.lora import attach_lora  # noqa: E402
 from harc.methods.batching import Example, collate  # noqa: E402
 from harc.methods.harc import micro_step  # noqa: E402
-from harc.methods.step import compiled_blocks, set_checkpointing  # noqa: E402
+from harc.methods.step import KLCache, compiled_blocks, kl_reference, set_checkpointing  # noqa: E402
 from harc.models import decoder_layers, unwrap  # noqa: E402
 
 FUSED = hm.fused_lora
@@ -144,8 +144,12 @@ def floor_seconds(model, mb, peak_tflops: float) -> float:
     return flops / (peak_tflops * 1e12)
 
 
-def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool) -> dict:
+def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool,
+        hits: float | None = None) -> dict:
+    """Median micro-step; with `hits`, under `kl_cache`, where that share of each micro-batch's
+    retain rows (rounded) was seen before: their reference states are put in the cache untimed."""
     set_checkpointing(model, ckpt)
+    cache = None if hits is None else KLCache()
     model.train()
     cuda = device.startswith("cuda")
     if cuda:
@@ -155,11 +159,16 @@ def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool) -> dict:
     try:
         for i in range(args.warmup + args.n):
             mb = rows.batch().to(device)
+            if cache is not None:
+                cache.rows.clear()
+                kl_reference(model, mb, cache)
+                for k in mb.retain_keys[round(hits * len(mb.retain_keys)):]:
+                    del cache.rows[k]
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             terms, _ = micro_step(model, mb, dirs, layers, margin=0.5, backward_scale=0.5,
-                                  chunk=args.chunk)
+                                  chunk=args.chunk, kl_cache=cache)
             loss = sum(float(v) for v in terms.values())  # syncs, like the trainer's check
             if cuda:
                 torch.cuda.synchronize()
@@ -276,6 +285,10 @@ def main(argv=None) -> dict:
                     "slots at 3/4 depth)")
     ap.add_argument("--chunk", type=int, default=1024, help="LM-head chunk (positions)")
     ap.add_argument("--peak-tflops", type=float, default=700.0)
+    ap.add_argument("--kl-cache", default="", metavar="F,...",
+                    help="also time each variant under kl_cache with these shares of retain rows "
+                         "seen before (e.g. 0.8,1: the paper configs draw each retain row 3-35 "
+                         "times); the floor stays the uncached one")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="fused",
                     help="comma-separated, in order: peft, fused, compiled (see set_variant)")
@@ -306,8 +319,10 @@ def main(argv=None) -> dict:
     for variant in args.variants.split(","):
         set_variant(model, variant)
         for ckpt in modes:
-            rows = Rows(tok, vocab, lo, hi, args.seed)  # same rows for each variant and mode
-            results.append({"variant": variant, **run(model, rows, dirs, layers, args, device, ckpt)})
+            for hits in [None] + [float(x) for x in args.kl_cache.split(",") if x]:
+                rows = Rows(tok, vocab, lo, hi, args.seed)  # same rows for each variant and mode
+                results.append({"variant": variant, "kl_cache_hits": hits,
+                                **run(model, rows, dirs, layers, args, device, ckpt, hits)})
     if args.sync_debug and device.startswith("cuda"):
         sync_debug(model, Rows(tok, vocab, lo, hi, args.seed), dirs, layers, args, device)
     if args.profile:

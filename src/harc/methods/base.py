@@ -26,6 +26,7 @@ from harc.chat import ChatFormat
 from harc.distributed import World
 from harc.methods.batching import Example, MicroBatch, encode_example
 from harc.methods.config import TrainConfig
+from harc.methods.step import KLCache
 from harc.registry import Registry
 
 
@@ -40,6 +41,8 @@ class Method:
     # The processes training together; the trainer sets it after __init__. Work between optimizer
     # steps (extraction, checks) runs on every rank and may split its batches over them.
     world: World = World()
+    # The base model's KL reference per retain row (`kl_cache: true`); the trainer sets it.
+    kl_cache: KLCache | None = None
 
     def __init__(self, cfg: TrainConfig, model, chat: ChatFormat, data: Mapping[str, Sequence], *,
                  directions=None):

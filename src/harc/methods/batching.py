@@ -14,6 +14,7 @@ what it was before the kind existed.
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -88,6 +89,8 @@ class MicroBatch:
     resp_col: Tensor | None = None  # [B] column of the first target token (after any prefill)
     resp_pool: Tensor | None = None  # [B] target tokens a pooled window may cover
     boundary: Tensor | None = None  # [B, T] bool: boundary tokens (when the rows carry them)
+    retain_keys: tuple[bytes, ...] = ()  # each retain row's tokens (the KL cache's key)
+    retain_counts: tuple[int, ...] = ()  # each retain row's KL positions
 
     def to(self, device) -> MicroBatch:
         moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v)
@@ -133,6 +136,8 @@ def collate(examples: Sequence[Example], tail_len: int, pad_id: int,
     retain = ((kind != 0) & (kind != REJECTED)).nonzero().squeeze(1)
     trim = min((offs[i] for i in retain.tolist()), default=0) // multiple * multiple
     sub = {r: j for j, r in enumerate(retain.tolist())}
+    keys = tuple(array("l", examples[r].enc.ids).tobytes() for r in sub)
+    counts = tuple(kl[0].count(r) for r in sub)
     t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return MicroBatch(
         ids=ids, mask=mask, pos=pos, is_harmful=kind == 0, kind=kind, inst_col=inst,
@@ -144,7 +149,8 @@ def collate(examples: Sequence[Example], tail_len: int, pad_id: int,
         user_col=t([o + e.enc.user_start for o, e in zip(offs, examples, strict=True)]),
         resp_col=t([o + e.enc.resp_start + e.enc.prefill_len
                     for o, e in zip(offs, examples, strict=True)]),
-        resp_pool=t([e.pool or e.window for e in examples]), boundary=boundary)
+        resp_pool=t([e.pool or e.window for e in examples]), boundary=boundary,
+        retain_keys=keys, retain_counts=counts)
 
 
 class MicroBatchSampler:

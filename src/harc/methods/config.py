@@ -131,6 +131,10 @@ class TrainConfig(Config):
     compile: run the decoder blocks through torch.compile while training (GPU: a one-time compile
         of a minute or two, then about 15% faster steps at 7B scale; see docs/performance.md).
     logits_chunk: response positions per LM-head chunk in KL and CE.
+    kl_cache: keep the frozen base model's final hidden states at each retain row's KL positions
+        (host memory, keyed by the row's tokens) and skip the reference forward for rows seen
+        before. The base never changes during training, so this only removes work: the paper
+        configs draw each retain row 3-35 times. Not under FSDP2 (its forwards are collectives).
     bucket_window: micro-batches whose draws are sorted by length together (0: grad_accum).
     pad_multiple: pad each micro-batch's width to a multiple of this (fewer distinct shapes).
     """
@@ -139,7 +143,7 @@ class TrainConfig(Config):
     resume_free: ClassVar[frozenset[str]] = frozenset({
         "steps", "checkpoint_every", "keep_checkpoints", "resume", "output_dir",
         "gradient_checkpointing", "logits_chunk", "extract_batch_size", "attn_implementation",
-        "pad_multiple", "skip_nonfinite"})
+        "pad_multiple", "skip_nonfinite", "kl_cache"})
 
     method: str = "harc"
     model: str = "smollm2-135m-instruct"
@@ -168,6 +172,7 @@ class TrainConfig(Config):
     gradient_checkpointing: bool = False
     compile: bool = False
     logits_chunk: int = 1024
+    kl_cache: bool = False
     bucket_window: int = 0
     pad_multiple: int = 8
 

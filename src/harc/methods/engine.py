@@ -51,7 +51,7 @@ from harc.methods.checkpoint import (
 from harc.methods.config import KINDS, TrainConfig
 from harc.methods.data import split_data
 from harc.methods.parallel import Parallel
-from harc.methods.step import compiled_blocks, set_checkpointing
+from harc.methods.step import KLCache, compiled_blocks, set_checkpointing
 from harc.models import model_fingerprint, model_identity, unwrap
 
 
@@ -73,6 +73,9 @@ class Trainer:
         self.cfg = cfg = config
         self.world = world or World()
         self.world.check_grad_accum(cfg.grad_accum)
+        if cfg.kl_cache and strategy == "fsdp" and self.world.size > 1:
+            raise HarcError("kl_cache does not work under --strategy fsdp (every forward there is "
+                            "a collective that all ranks must run); set kl_cache=false")
         self.progress = progress and self.world.is_main
         self.out = Path(cfg.output_dir)
         method_cls: type[Method] = METHODS.get(cfg.method)
@@ -102,6 +105,8 @@ class Trainer:
             self.model = attach_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha,
                                      dropout=cfg.lora.dropout, target_modules=cfg.lora.targets)
         self.method.model, self.method.world = self.model, self.world
+        if cfg.kl_cache:
+            self.method.kl_cache = KLCache()
         # Fixed before FSDP2 shards the weights (a sharded parameter cannot be read on one rank).
         unwrap(self.model).harc_fingerprint = model_fingerprint(self.model)
         self.parallel = Parallel(self.world, strategy, self.model, self.method)  # FSDP2: shards

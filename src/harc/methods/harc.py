@@ -50,7 +50,14 @@ from harc.methods.harc_extras import (
     read_direction,
     recovery_rows,
 )
-from harc.methods.step import autocast, backbone, kl_reference, lm_head, no_input_cast
+from harc.methods.step import (
+    KLCache,
+    autocast,
+    backbone,
+    kl_reference,
+    lm_head,
+    no_input_cast,
+)
 from harc.models import decoder_layers
 
 
@@ -96,7 +103,7 @@ def _read_mask(mb: MicroBatch, boundaries: bool) -> Tensor:
 @contextlib.contextmanager
 def micro_loss(model, mb: MicroBatch, dirs: Directions, layers: Sequence[int], *, margin: float,
                weights: Mapping[str, float] | None = None, chunk: int = 1024,
-               coupling: Coupling | None = None
+               coupling: Coupling | None = None, kl_cache: KLCache | None = None
                ) -> Iterator[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]]:
     """Forward of one micro-batch on the model's device; yields (loss, terms, proj).
 
@@ -111,7 +118,7 @@ def micro_loss(model, mb: MicroBatch, dirs: Directions, layers: Sequence[int], *
     c = coupling or Coupling()
     w = dict(weights or LossWeights().active())
     body, head = backbone(model), lm_head(model)
-    h_base = kl_reference(model, mb)
+    h_base = kl_reference(model, mb, kl_cache)
     rows = torch.arange(mb.ids.shape[0], device=mb.ids.device)
     kind = mb.kind if c.label_perm is None else mb.kind[c.label_perm.to(mb.kind.device)]
     is_harmful = mb.is_harmful if c.label_perm is None else kind == 0
@@ -160,12 +167,12 @@ def micro_loss(model, mb: MicroBatch, dirs: Directions, layers: Sequence[int], *
 
 def micro_step(model, mb: MicroBatch, dirs: Directions, layers: Sequence[int], *, margin: float,
                weights: Mapping[str, float] | None = None, backward_scale: float | None = None,
-               chunk: int = 1024, coupling: Coupling | None = None
-               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+               chunk: int = 1024, coupling: Coupling | None = None,
+               kl_cache: KLCache | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """`micro_loss`, and with `backward_scale` its backward (loss x scale). Returns (terms, proj);
     the terms keep their grad unless backward ran."""
     with micro_loss(model, mb, dirs, layers, margin=margin, weights=weights, chunk=chunk,
-                    coupling=coupling) as (loss, terms, proj):
+                    coupling=coupling, kl_cache=kl_cache) as (loss, terms, proj):
         if backward_scale is not None:
             if loss.requires_grad:
                 (loss * backward_scale).backward()
@@ -384,7 +391,8 @@ class HarcMethod(Method):
         coupling = self.coupling(mb.ids.shape[0])
         self._micro += 1
         return dict(dirs=self._dev_dirs[1], layers=self.layers, margin=self.margin(),
-                    weights=self.weights(), chunk=self.cfg.logits_chunk, coupling=coupling)
+                    weights=self.weights(), chunk=self.cfg.logits_chunk, coupling=coupling,
+                    kl_cache=self.kl_cache)
 
     def micro_step(self, mb: MicroBatch, scale: float):
         return micro_step(self.model, mb, backward_scale=scale, **self._step_args(mb))

@@ -16,7 +16,15 @@ from harc.losses import head_kl_retain, head_refusal_ce
 from harc.methods.base import Method, register_method
 from harc.methods.batching import MicroBatch
 from harc.methods.config import TrainConfig
-from harc.methods.step import autocast, backbone, backward_terms, kl_reference, lm_head, no_input_cast
+from harc.methods.step import (
+    KLCache,
+    autocast,
+    backbone,
+    backward_terms,
+    kl_reference,
+    lm_head,
+    no_input_cast,
+)
 
 TERMS = ("kl", "ce")
 
@@ -43,12 +51,12 @@ class SftConfig(TrainConfig):
 
 
 def micro_step(model, mb: MicroBatch, *, weights: dict[str, float],
-               backward_scale: float | None = None, chunk: int = 1024
-               ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+               backward_scale: float | None = None, chunk: int = 1024,
+               kl_cache: KLCache | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Forward (and, with `backward_scale`, backward) of refusal CE + KL retain; the forward path
     is HARC's (same backbone call, fused LoRA, autocast), so the two agree to the last bit."""
     body, head = backbone(model), lm_head(model)
-    h_base = kl_reference(model, mb)
+    h_base = kl_reference(model, mb, kl_cache)
     with no_input_cast(model), fused_lora(model):
         with autocast(model):
             last = body(input_ids=mb.ids, attention_mask=mb.mask, position_ids=mb.pos,
@@ -72,4 +80,4 @@ class SftMethod(Method):
 
     def micro_step(self, mb: MicroBatch, scale: float):
         return micro_step(self.model, mb, weights=self.weights(), backward_scale=scale,
-                          chunk=self.cfg.logits_chunk)
+                          chunk=self.cfg.logits_chunk, kl_cache=self.kl_cache)

@@ -102,17 +102,61 @@ def set_checkpointing(model, on: bool) -> None:
 
 
 @torch.no_grad()
-def kl_reference(model, mb: MicroBatch) -> Tensor | None:
+def kl_reference(model, mb: MicroBatch, cache: KLCache | None = None) -> Tensor | None:
     """Final hidden states of the base model (adapter off) at the KL positions of retain rows;
     None when the micro-batch has none. Runs on the retain rows only, trimmed of their common
-    left padding."""
+    left padding; with `cache`, only on the rows it does not hold yet."""
     if not mb.kl_rows.numel():
         return None
+    if cache is not None:
+        return cache.reference(model, mb)
     rr, trim = mb.retain_rows, mb.retain_trim
     with model.disable_adapter(), autocast(model):
         hb = backbone(model)(input_ids=mb.ids[rr, trim:], attention_mask=mb.mask[rr, trim:],
                              position_ids=mb.pos[rr, trim:], use_cache=False).last_hidden_state
         return hb[mb.kl_sub_rows, mb.kl_cols - trim]
+
+
+class KLCache:
+    """`kl_reference` per retain row, kept in host memory under the row's tokens (`kl_cache`).
+
+    The base model is frozen while an adapter trains, so a retain row's reference hidden states
+    never change; a row drawn again costs a host-to-device copy instead of a forward. A row's
+    states come from the forward of the micro-batch it was first drawn in: within rounding of
+    what a forward in another micro-batch would give."""
+
+    def __init__(self):
+        self.rows: dict[bytes, Tensor] = {}
+        self.hits = self.misses = 0
+
+    def reference(self, model, mb: MicroBatch) -> Tensor:
+        keys = mb.retain_keys
+        new = [j for j, k in enumerate(keys) if k not in self.rows]
+        self.hits += len(keys) - len(new)
+        self.misses += len(new)
+        if new:
+            rr = mb.retain_rows[new]
+            trim = mb.retain_trim
+            with model.disable_adapter(), autocast(model):
+                hb = backbone(model)(input_ids=mb.ids[rr, trim:], attention_mask=mb.mask[rr, trim:],
+                                     position_ids=mb.pos[rr, trim:], use_cache=False
+                                     ).last_hidden_state
+            # positions of the new rows, in kl order (row-major, as collate lists them)
+            starts = [0]
+            for c in mb.retain_counts:
+                starts.append(starts[-1] + c)
+            pos = torch.tensor([p for j in new for p in range(starts[j], starts[j + 1])],
+                               device=mb.kl_cols.device)
+            local = torch.tensor([i for i, j in enumerate(new) for _ in range(mb.retain_counts[j])],
+                                 device=mb.kl_cols.device)
+            states = hb[local, mb.kl_cols[pos] - trim]
+            pin = states.device.type == "cuda"
+            for j, part in zip(new, states.split([mb.retain_counts[j] for j in new])):
+                # pinned: the copy runs in stream order, and the host never reads the buffer
+                buf = torch.empty(part.shape, dtype=part.dtype, pin_memory=pin)
+                self.rows[keys[j]] = buf.copy_(part, non_blocking=pin)
+        device = mb.kl_cols.device
+        return torch.cat([self.rows[k].to(device, non_blocking=True) for k in keys])
 
 
 def backward_terms(terms: dict[str, Tensor], weights: Mapping[str, float],

@@ -312,8 +312,9 @@ def test_bench_runs_on_cpu():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     rep = mod.main(["--arch", "tiny", "--n", "1", "--warmup", "0", "--lens", "24-40",
-                    "--device", "cpu"])
-    assert [r["gradient_checkpointing"] for r in rep["runs"]] == [False, True]
+                    "--device", "cpu", "--kl-cache", "1"])
+    assert [(r["gradient_checkpointing"], r["kl_cache_hits"]) for r in rep["runs"]] == [
+        (False, None), (False, 1.0), (True, None), (True, 1.0)]
     assert all(r["median_s"] > 0 and r["tokens_per_s"] > 0 for r in rep["runs"])
 
 
