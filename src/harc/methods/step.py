@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from itertools import accumulate
 
 import torch
 from peft.helpers import disable_input_dtype_casting
@@ -110,11 +111,16 @@ def kl_reference(model, mb: MicroBatch, cache: KLCache | None = None) -> Tensor 
         return None
     if cache is not None:
         return cache.reference(model, mb)
-    rr, trim = mb.retain_rows, mb.retain_trim
+    return _base_states(model, mb, mb.retain_rows)[mb.kl_sub_rows, mb.kl_cols - mb.retain_trim]
+
+
+def _base_states(model, mb: MicroBatch, rows: Tensor) -> Tensor:
+    """Final hidden states of the base model (adapter off) for `rows` of `mb` (retain rows),
+    without the columns that are padding in every retain row."""
+    trim = mb.retain_trim
     with model.disable_adapter(), autocast(model):
-        hb = backbone(model)(input_ids=mb.ids[rr, trim:], attention_mask=mb.mask[rr, trim:],
-                             position_ids=mb.pos[rr, trim:], use_cache=False).last_hidden_state
-        return hb[mb.kl_sub_rows, mb.kl_cols - trim]
+        return backbone(model)(input_ids=mb.ids[rows, trim:], attention_mask=mb.mask[rows, trim:],
+                               position_ids=mb.pos[rows, trim:], use_cache=False).last_hidden_state
 
 
 class KLCache:
@@ -135,21 +141,15 @@ class KLCache:
         self.hits += len(keys) - len(new)
         self.misses += len(new)
         if new:
-            rr = mb.retain_rows[new]
-            trim = mb.retain_trim
-            with model.disable_adapter(), autocast(model):
-                hb = backbone(model)(input_ids=mb.ids[rr, trim:], attention_mask=mb.mask[rr, trim:],
-                                     position_ids=mb.pos[rr, trim:], use_cache=False
-                                     ).last_hidden_state
-            # positions of the new rows, in kl order (row-major, as collate lists them)
-            starts = [0]
-            for c in mb.retain_counts:
-                starts.append(starts[-1] + c)
+            hb = _base_states(model, mb, mb.retain_rows[new])
+            # the new rows' KL positions: each row's are consecutive in kl order (collate lists
+            # them row by row); index lists built on the host, so nothing waits for the device
+            starts = [0, *accumulate(mb.retain_counts)]
             pos = torch.tensor([p for j in new for p in range(starts[j], starts[j + 1])],
                                device=mb.kl_cols.device)
             local = torch.tensor([i for i, j in enumerate(new) for _ in range(mb.retain_counts[j])],
                                  device=mb.kl_cols.device)
-            states = hb[local, mb.kl_cols[pos] - trim]
+            states = hb[local, mb.kl_cols[pos] - mb.retain_trim]
             pin = states.device.type == "cuda"
             for j, part in zip(new, states.split([mb.retain_counts[j] for j in new])):
                 # pinned: the copy runs in stream order, and the host never reads the buffer
