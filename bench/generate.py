@@ -99,14 +99,20 @@ def card(dev: torch.device) -> str:
     return f"CPU {name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
+def untied_embedding(model):
+    """The input embedding's weight when the LM head has its own (a decode step reads one row of
+    it per sequence, and it is a lookup, not a GEMM); None when they are tied."""
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    return None if emb.data_ptr() == head.data_ptr() else emb
+
+
 def model_bytes(model) -> tuple[int, int]:
     """(weight bytes one decode step reads, KV-cache bytes per token) of a decoder. An untied input
     embedding is left out: a step reads one of its rows per sequence, not the table."""
     from harc.models import decoder_layers, unwrap
 
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
-    if emb.data_ptr() != head.data_ptr():
+    if (emb := untied_embedding(model)) is not None:
         weights -= emb.numel() * emb.element_size()
     cfg = unwrap(model).config
     heads = cfg.num_attention_heads
@@ -291,9 +297,8 @@ def profile_decode(model, seqs, n_new: int, graphs: bool) -> dict:
     kinds: dict[str, float] = {}
     for name, ms in per.items():
         kinds[kernel_kind(name)] = kinds.get(kernel_kind(name), 0.0) + ms
-    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     n_mm = sum(p.numel() for p in model.parameters() if p.dim() == 2)
-    if emb.data_ptr() != head.data_ptr():  # a lookup, not a GEMM
+    if (emb := untied_embedding(model)) is not None:
         n_mm -= emb.numel()
     flops = 2 * len(seqs) * n_mm
     gemm_ms = kinds.get("gemm", 0.0)
