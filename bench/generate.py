@@ -16,8 +16,9 @@ Cases (--cases, in this order; each one that fails is recorded and the next one 
   device, --batches rows of random token prompts of --prompt-lens tokens, --max-new-tokens with
   no early stop. Each engine runs twice, with 1 and with N new tokens: ms per decode step is
   (t_N - t_1) / (N - 1), so prefill is left out. harc's decoder runs once per --decode-kernels
-  variant ATTN/NORM[/ROPE] (HARC_DECODE_ATTN=sdpa|triton, HARC_DECODE_NORM=torch|triton,
-  HARC_DECODE_ROPE=torch|triton; `default` leaves them unset: triton on CUDA), recorded as
+  variant ATTN/NORM[/ROPE[/PROJ]] (HARC_DECODE_ATTN=sdpa|triton, HARC_DECODE_NORM=torch|triton,
+  HARC_DECODE_ROPE=torch|triton, HARC_DECODE_PROJ=torch|triton; `default` leaves them unset:
+  triton on CUDA), recorded as
   new[VARIANT] (`new` for default). Its t_1 is taken once per NORM/ROPE: prefill never runs the
   decode attention. --old-max-new-tokens shortens the
   old engine's run (its ms per step from fewer steps; differing rows over those tokens).
@@ -132,8 +133,9 @@ def timed(dev, fn) -> float:
 
 @contextmanager
 def kernels(variant: str):
-    """HARC_DECODE_ATTN, _NORM and _ROPE set for a --decode-kernels variant ATTN/NORM[/ROPE]."""
-    names = ("HARC_DECODE_ATTN", "HARC_DECODE_NORM", "HARC_DECODE_ROPE")
+    """HARC_DECODE_ATTN, _NORM, _ROPE and _PROJ set for a --decode-kernels variant
+    ATTN/NORM[/ROPE[/PROJ]]."""
+    names = ("HARC_DECODE_ATTN", "HARC_DECODE_NORM", "HARC_DECODE_ROPE", "HARC_DECODE_PROJ")
     old = {k: os.environ.get(k) for k in names}
     if variant != "default":
         for k, v in zip(names, variant.split("/")):
@@ -275,9 +277,11 @@ def kernel_kind(name: str) -> str:
 
 
 def profile_decode(model, seqs, n_new: int, graphs: bool) -> dict:
-    """GPU time per decode step by kernel kind: CUDA kernel time of a run with n_new + 1 tokens less
-    that of a run with 1 (prefill and start-up cancel), over n_new steps; also the FLOP rate of the
-    GEMMs. Kernels replayed from CUDA graphs are counted where CUPTI reports them (`kernels`)."""
+    """GPU time per decode step by kernel kind: CUDA kernel time of a run with 2 n_new + 1 tokens
+    less that of a run with n_new + 1, over n_new steps; also the FLOP rate of the GEMMs. Both runs
+    prefill and warm up alike, so only decode steps remain (a 1-token run as the baseline left
+    negative prefill residues under CUDA graphs in the 2026-12-01 profiles, and too low graph
+    totals). Kernels replayed from CUDA graphs are counted where CUPTI reports them (`kernels`)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -292,7 +296,7 @@ def profile_decode(model, seqs, n_new: int, graphs: bool) -> dict:
                 by[e.name] = by.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
         return by
 
-    short, long = kernels(1), kernels(n_new + 1)
+    short, long = kernels(n_new + 1), kernels(2 * n_new + 1)
     per = {k: (long.get(k, 0.0) - short.get(k, 0.0)) / n_new for k in long}
     kinds: dict[str, float] = {}
     for name, ms in per.items():
@@ -498,8 +502,8 @@ def main() -> None:
     ap.add_argument("--old-max-new-tokens", type=int, default=None,
                     help="new tokens of the old engine in `dims` (default: --max-new-tokens)")
     ap.add_argument("--decode-kernels", default="default",
-                    help="`dims`: harc's decoder once per ATTN/NORM[/ROPE], e.g. "
-                         "sdpa/torch/torch,triton/triton/triton")
+                    help="`dims`: harc's decoder once per ATTN/NORM[/ROPE[/PROJ]], e.g. "
+                         "sdpa/torch/torch/torch,triton/triton/triton/triton")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--attacks", default=DEFAULT_ATTACKS)
     ap.add_argument("--n-requests", type=int, default=40)
@@ -512,10 +516,10 @@ def main() -> None:
     args = ap.parse_args()
     for v in args.decode_kernels.split(","):
         parts = v.split("/")
-        if v != "default" and (len(parts) not in (2, 3) or parts[0] not in ("sdpa", "triton")
+        if v != "default" and (len(parts) not in (2, 3, 4) or parts[0] not in ("sdpa", "triton")
                                or any(x not in ("torch", "triton") for x in parts[1:])):
-            ap.error(f"--decode-kernels: {v!r} is not ATTN/NORM[/ROPE] (sdpa|triton / torch|triton"
-                     " / torch|triton) or default")
+            ap.error(f"--decode-kernels: {v!r} is not ATTN/NORM[/ROPE[/PROJ]] (sdpa|triton, then "
+                     "torch|triton for each other) or default")
     if args.quick:
         args.device = args.device or "cpu"
         args.archs, args.batches, args.prompt_lens, args.max_new_tokens = "tiny", "8,16", "30-60", 16

@@ -149,7 +149,6 @@ def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool,
     """Median micro-step; with `hits`, under `kl_cache`, where that share of each micro-batch's
     retain rows (rounded) was seen before: their reference states are put in the cache untimed."""
     set_checkpointing(model, ckpt)
-    cache = None if hits is None else KLCache()
     model.train()
     cuda = device.startswith("cuda")
     if cuda:
@@ -159,11 +158,7 @@ def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool,
     try:
         for i in range(args.warmup + args.n):
             mb = rows.batch().to(device)
-            if cache is not None:
-                cache.rows.clear()
-                kl_reference(model, mb, cache)
-                for k in mb.retain_keys[round(hits * len(mb.retain_keys)):]:
-                    del cache.rows[k]
+            cache = primed_cache(model, mb, hits)
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -204,14 +199,33 @@ def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool,
     return out
 
 
+def primed_cache(model, mb, hits: float | None) -> KLCache | None:
+    """With `hits`, a KLCache holding the reference states of that share (rounded) of mb's retain
+    rows, computed untimed; else None."""
+    if hits is None:
+        return None
+    cache = KLCache()
+    kl_reference(model, mb, cache)
+    for k in mb.retain_keys[round(hits * len(mb.retain_keys)):]:
+        del cache.rows[k]
+    return cache
+
+
+def first_hits(args) -> float | None:
+    """The first --kl-cache share: the one --profile and --sync-debug step under."""
+    return next((float(x) for x in args.kl_cache.split(",") if x), None)
+
+
 def profile_step(model, rows: Rows, dirs, layers, args, device: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     mb = rows.batch().to(device)
     for i in range(2):
+        cache = primed_cache(model, mb, first_hits(args))
         with profile(activities=acts) if i else _null() as prof:
-            micro_step(model, mb, dirs, layers, margin=0.5, backward_scale=0.5, chunk=args.chunk)
+            micro_step(model, mb, dirs, layers, margin=0.5, backward_scale=0.5, chunk=args.chunk,
+                       kl_cache=cache)
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
         for p in model.parameters():
@@ -233,6 +247,7 @@ def sync_debug(model, rows: Rows, dirs, layers, args, device: str) -> None:
         seen[key] = seen.get(key, 0) + 1
 
     mb = rows.batch().to(device)
+    cache = primed_cache(model, mb, first_hits(args))
     torch.cuda.synchronize()
     old = warnings.showwarning
     warnings.showwarning = show
@@ -241,7 +256,8 @@ def sync_debug(model, rows: Rows, dirs, layers, args, device: str) -> None:
         warnings.showwarning = show
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            micro_step(model, mb, dirs, layers, margin=0.5, backward_scale=0.5, chunk=args.chunk)
+            micro_step(model, mb, dirs, layers, margin=0.5, backward_scale=0.5, chunk=args.chunk,
+                       kl_cache=cache)
         finally:
             torch.cuda.set_sync_debug_mode(0)
             warnings.showwarning = old
@@ -293,9 +309,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", default="fused",
                     help="comma-separated, in order: peft, fused, compiled (see set_variant)")
     ap.add_argument("--sync-debug", action="store_true",
-                    help="list where one micro-step synchronises host and GPU (stderr)")
+                    help="list where one micro-step (under the first --kl-cache share, if any) "
+                         "synchronises host and GPU (stderr)")
     ap.add_argument("--profile", action="store_true",
-                    help="after timing, profile one micro-step and print its top ops to stderr")
+                    help="after timing, profile one micro-step (under the first --kl-cache share, "
+                         "if any) and print its top ops to stderr")
     args = ap.parse_args(argv)
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (

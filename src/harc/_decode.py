@@ -29,7 +29,7 @@ from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from harc import _decode_attn, _decode_norm, _decode_rope
+from harc import _decode_attn, _decode_norm, _decode_proj, _decode_rope
 from harc.models import decoder_layers, unwrap
 
 ATTN = "harc_slots"
@@ -242,9 +242,11 @@ class Engine:
         self.triton_attn = _decode_attn.enabled(self.dev)
         self.triton_norm = _decode_norm.enabled(self.dev)
         self.triton_rope = _decode_rope.enabled(self.dev)
+        self.merge_proj = _decode_proj.enabled(self.dev)
         self.stats = {"steps": 0, "fills": 0, "compactions": 0, "prefill_tokens": 0,
                       "prefix_tokens": 0, "forwards": 0, "graphs": 0, "eager_fallback": None,
-                      "decode_attn": None, "fused_norms": 0, "fused_rotary": 0}
+                      "decode_attn": None, "fused_norms": 0, "fused_rotary": 0,
+                      "merged_projections": 0}
         self._decoding = False
         self._h: Tensor | None = None
 
@@ -362,6 +364,9 @@ class Engine:
                 self.stats["fused_norms"] = undo.enter_context(_decode_norm.fused_norms(self.model))
             if self.triton_rope:
                 self.stats["fused_rotary"] = undo.enter_context(_decode_rope.fused_rotary(self.model))
+            if self.merge_proj:
+                self.stats["merged_projections"] = undo.enter_context(
+                    _decode_proj.merged_projections(self.model))
             b, snap, row_of = S, None, self.row_of
             while True:
                 rows, toks = [], []

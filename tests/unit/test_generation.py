@@ -422,3 +422,16 @@ def test_triton_rotary_matches_reference_and_is_removed_afterwards(monkeypatch):
     ref, new, stats = run_both(model, tok, PROMPTS[:3], max_new=6)
     assert new == ref and stats["fused_rotary"] == 1
     assert modeling_qwen2.apply_rotary_pos_emb is original
+
+
+def test_merged_projections_match_reference_and_are_undone_afterwards(monkeypatch):
+    pytest.importorskip("triton")
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernel under Triton's interpreter on CPU")
+    monkeypatch.setenv("HARC_DECODE_PROJ", "triton")
+    tok, model = tiny_tokenizer("qwen2.5"), sharp(tiny_model("qwen2", n_layers=2))
+    ref, new, stats = run_both(model, tok, PROMPTS[:3], max_new=6)
+    assert new == ref and stats["merged_projections"] == 2 * 2
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size()
+               for p in model.parameters())
+    assert not any("forward" in m.__dict__ for m in model.modules())

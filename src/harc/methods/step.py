@@ -141,22 +141,28 @@ class KLCache:
         self.hits += len(keys) - len(new)
         self.misses += len(new)
         if new:
-            hb = _base_states(model, mb, mb.retain_rows[new])
+            device = mb.kl_cols.device
+            hb = _base_states(model, mb, mb.retain_rows[_indices(new, device)])
             # the new rows' KL positions: each row's are consecutive in kl order (collate lists
-            # them row by row); index lists built on the host, so nothing waits for the device
+            # them row by row)
             starts = [0, *accumulate(mb.retain_counts)]
-            pos = torch.tensor([p for j in new for p in range(starts[j], starts[j + 1])],
-                               device=mb.kl_cols.device)
-            local = torch.tensor([i for i, j in enumerate(new) for _ in range(mb.retain_counts[j])],
-                                 device=mb.kl_cols.device)
+            pos = _indices([p for j in new for p in range(starts[j], starts[j + 1])], device)
+            local = _indices([i for i, j in enumerate(new) for _ in range(mb.retain_counts[j])],
+                             device)
             states = hb[local, mb.kl_cols[pos] - mb.retain_trim]
             pin = states.device.type == "cuda"
             for j, part in zip(new, states.split([mb.retain_counts[j] for j in new])):
                 # pinned: the copy runs in stream order, and the host never reads the buffer
                 buf = torch.empty(part.shape, dtype=part.dtype, pin_memory=pin)
                 self.rows[keys[j]] = buf.copy_(part, non_blocking=pin)
-        device = mb.kl_cols.device
-        return torch.cat([self.rows[k].to(device, non_blocking=True) for k in keys])
+        return torch.cat([self.rows[k].to(mb.kl_cols.device, non_blocking=True) for k in keys])
+
+
+def _indices(values: list[int], device: torch.device) -> Tensor:
+    """An index list on `device` without waiting for it: a list copied straight to a GPU (or
+    used to index a GPU tensor) is a synchronous copy, which drains the queue of launched work."""
+    pin = device.type == "cuda"
+    return torch.tensor(values, dtype=torch.long, pin_memory=pin).to(device, non_blocking=pin)
 
 
 def backward_terms(terms: dict[str, Tensor], weights: Mapping[str, float],
