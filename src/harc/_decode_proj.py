@@ -169,14 +169,18 @@ def merged_projections(model: nn.Module) -> Iterator[int]:
         with torch.no_grad():
             for m in list(model.modules()):
                 if (lin := _mlp(m)) is not None:
+                    if not verdict.get(type(m), True):
+                        continue
                     g = _Group(lin)
-                    groups.append(g)
+                    groups.append(g)  # restored on the way out, whatever happens next
                     if type(m) not in verdict:
                         verdict[type(m)] = _mlp_matches(m, g)
-                    if verdict[type(m)]:
-                        m.forward = functools.partial(_mlp_forward, m, g)
-                        patched.append(m)
-                        merged += 1
+                    if not verdict[type(m)]:  # e.g. another activation: its own storage back
+                        groups.pop().split()
+                        continue
+                    m.forward = functools.partial(_mlp_forward, m, g)
+                    patched.append(m)
+                    merged += 1
                 elif (lin := _qkv(m)) is not None:
                     g = _Group(lin)
                     groups.append(g)
