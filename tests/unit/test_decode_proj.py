@@ -56,6 +56,8 @@ def test_merged_model_matches_and_is_restored(arch, groups):
             attn = model.model.layers[0].self_attn
             assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + \
                 attn.q_proj.weight.numel() * attn.q_proj.weight.element_size()
+            mlp = model.model.layers[0].mlp
+            assert owns_storage(mlp.up_proj.weight) == (arch == "gemma")  # GELU: left alone
             out = model(input_ids=IDS.to(DEV)).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert not any("forward" in m.__dict__ for m in model.modules())
