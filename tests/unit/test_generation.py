@@ -359,12 +359,18 @@ def test_greedy_ignores_the_models_repetition_penalty():
         generate(model, chat, prompts, max_new_tokens=4)
 
 
-def test_triton_decode_attention_matches_reference(monkeypatch):
-    # Needs Triton's interpreter (tests/conftest.py turns it on without a GPU); head_dim 16, the
-    # kernel's smallest. The graph stand-in also checks that the kernel's host side is capturable.
+def interpreted_kernels() -> None:
+    """Skip unless the decode kernels run under Triton's interpreter on CPU (tests/conftest.py
+    turns it on without a GPU)."""
     pytest.importorskip("triton")
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("runs the kernel under Triton's interpreter on CPU")
+
+
+def test_triton_decode_attention_matches_reference(monkeypatch):
+    # Needs Triton's interpreter (tests/conftest.py turns it on without a GPU); head_dim 16, the
+    # kernel's smallest. The graph stand-in also checks that the kernel's host side is capturable.
+    interpreted_kernels()
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     monkeypatch.setattr(dec, "CudaGraphs", FakeGraphs)
@@ -400,9 +406,7 @@ def test_triton_decode_attention_matches_reference(monkeypatch):
 
 
 def test_triton_rmsnorm_matches_reference_and_is_removed_afterwards(monkeypatch):
-    pytest.importorskip("triton")
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("runs the kernel under Triton's interpreter on CPU")
+    interpreted_kernels()
     monkeypatch.setenv("HARC_DECODE_NORM", "triton")
     tok, model = tiny_tokenizer("llama3.1"), sharp(tiny_model("llama", n_layers=2))
     ref, new, stats = run_both(model, tok, PROMPTS[:3], max_new=6)
@@ -411,9 +415,7 @@ def test_triton_rmsnorm_matches_reference_and_is_removed_afterwards(monkeypatch)
 
 
 def test_triton_rotary_matches_reference_and_is_removed_afterwards(monkeypatch):
-    pytest.importorskip("triton")
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("runs the kernel under Triton's interpreter on CPU")
+    interpreted_kernels()
     from transformers.models.qwen2 import modeling_qwen2
 
     monkeypatch.setenv("HARC_DECODE_ROPE", "triton")
@@ -425,9 +427,7 @@ def test_triton_rotary_matches_reference_and_is_removed_afterwards(monkeypatch):
 
 
 def test_merged_projections_match_reference_and_are_undone_afterwards(monkeypatch):
-    pytest.importorskip("triton")
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("runs the kernel under Triton's interpreter on CPU")
+    interpreted_kernels()
     monkeypatch.setenv("HARC_DECODE_PROJ", "triton")
     tok, model = tiny_tokenizer("qwen2.5"), sharp(tiny_model("qwen2", n_layers=2))
     ref, new, stats = run_both(model, tok, PROMPTS[:3], max_new=6)
