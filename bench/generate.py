@@ -19,7 +19,7 @@ Cases (--cases, in this order; each one that fails is recorded and the next one 
   variant ATTN/NORM[/ROPE[/PROJ]] (HARC_DECODE_ATTN=sdpa|triton, HARC_DECODE_NORM=torch|triton,
   HARC_DECODE_ROPE=torch|triton, HARC_DECODE_PROJ=torch|triton; `default` leaves them unset:
   triton on CUDA), recorded as
-  new[VARIANT] (`new` for default). Its t_1 is taken once per NORM/ROPE: prefill never runs the
+  new[VARIANT] (`new` for default). Its t_1 is taken once per NORM/ROPE/PROJ: prefill never runs the
   decode attention. --old-max-new-tokens shortens the
   old engine's run (its ms per step from fewer steps; differing rows over those tokens).
 - real: --model (loaded with harc.models.load_model) on a realistic mix: harc attacks (--attacks,
@@ -338,7 +338,7 @@ def case_dims(args, dev, arch: str) -> dict:
                "old_max_new_tokens": n_old}
         same = dict(args=args, model=model, seqs=seqs, weights=weights, kv_token=kv_token)
         old_toks, _, rec["old"] = measure("old", n_old, **same)
-        prefill: dict[str, float] = {}  # t_1 per NORM/ROPE setting
+        prefill: dict[str, float] = {}  # t_1 per NORM/ROPE/PROJ setting
         for v in variants:
             norm = "/".join(v.split("/")[1:]) if v != "default" else v
             with kernels(v):

@@ -211,9 +211,13 @@ def primed_cache(model, mb, hits: float | None) -> KLCache | None:
     return cache
 
 
+def kl_shares(args) -> list[float]:
+    """The --kl-cache shares; --profile and --sync-debug step under the first."""
+    return [float(x) for x in args.kl_cache.split(",") if x]
+
+
 def first_hits(args) -> float | None:
-    """The first --kl-cache share: the one --profile and --sync-debug step under."""
-    return next((float(x) for x in args.kl_cache.split(",") if x), None)
+    return next(iter(kl_shares(args)), None)
 
 
 def profile_step(model, rows: Rows, dirs, layers, args, device: str) -> None:
@@ -337,7 +341,7 @@ def main(argv=None) -> dict:
     for variant in args.variants.split(","):
         set_variant(model, variant)
         for ckpt in modes:
-            for hits in [None] + [float(x) for x in args.kl_cache.split(",") if x]:
+            for hits in [None, *kl_shares(args)]:
                 rows = Rows(tok, vocab, lo, hi, args.seed)  # same rows for each variant and mode
                 results.append({"variant": variant, "kl_cache_hits": hits,
                                 **run(model, rows, dirs, layers, args, device, ckpt, hits)})

@@ -164,7 +164,6 @@ def merged_projections(model: nn.Module) -> Iterator[int]:
     groups: list[_Group] = []
     patched: list[nn.Module] = []  # modules whose forward is replaced
     verdict: dict[type, bool] = {}
-    merged = 0
     try:
         with torch.no_grad():
             for m in list(model.modules()):
@@ -180,7 +179,6 @@ def merged_projections(model: nn.Module) -> Iterator[int]:
                         continue
                     m.forward = functools.partial(_mlp_forward, m, g)
                     patched.append(m)
-                    merged += 1
                 elif (lin := _qkv(m)) is not None:
                     g = _Group(lin)
                     groups.append(g)
@@ -188,13 +186,12 @@ def merged_projections(model: nn.Module) -> Iterator[int]:
                     for i, f in enumerate(lin[1:]):
                         f.forward = functools.partial(_follow, g, i)
                     patched.extend(lin)
-                    merged += 1
     except Exception as e:  # compilation or launch: keep transformers' projections
         _fail(e)
         _restore(groups, patched)
-        groups, patched, merged = [], [], 0
+        groups, patched = [], []
     try:
-        yield merged
+        yield len(groups)
     finally:
         _restore(groups, patched)
 
