@@ -19,6 +19,8 @@ P_lin = parameters of the decoder blocks' linear layers; T_pad = padded tokens o
 (its backward needs input gradients only, about the same FLOPs); T_base = padded tokens of the base
 forward; N_head = positions through the LM head with gradient (forward, recompute, input-gradient
 backward), N_kl = the same positions of the base for KL. `floor_fraction` = floor / median step.
+`host_median_s`: median time until `micro_step` returns, every kernel launched but not finished;
+close to `median_s`, the step is bound by the host's launches rather than by the GPU.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import harc.methods.harc as hm  # noqa: E402
+import harc.methods.step as step_mod  # noqa: E402
 from harc.chat import ChatFormat, PairEncoding  # noqa: E402
 from harc.directions import Directions  # noqa: E402
 from harc.lora import attach_lora  # noqa: E402
@@ -46,6 +49,8 @@ from harc.methods.step import KLCache, compiled_blocks, kl_reference, set_checkp
 from harc.models import decoder_layers, unwrap  # noqa: E402
 
 FUSED = hm.fused_lora
+SWITCHES = {"harc": getattr(step_mod, "adapter_disabled", None),
+            "peft": lambda model: model.disable_adapter()}
 KEEP = contextlib.ExitStack()  # holds the compiled blocks until the process ends
 
 ARCHS = {
@@ -154,26 +159,31 @@ def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool,
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times, real, padded, floors, warm = [], [], [], [], []
+    times, hosts, real, padded, floors, warm = [], [], [], [], [], []
+    batches = [rows.batch().to(device) for _ in range(args.warmup + args.n)]
+    # Each timed micro-batch also runs once untimed, first: a shape's first step pays one-offs
+    # (allocator growth, a recompile) that a long run pays once, not every step.
+    order = batches[:args.warmup] + batches[args.warmup:] * 2
     try:
-        for i in range(args.warmup + args.n):
-            mb = rows.batch().to(device)
+        for i, mb in enumerate(order):
             cache = primed_cache(model, mb, hits)
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             terms, _ = micro_step(model, mb, dirs, layers, margin=0.5, backward_scale=0.5,
                                   chunk=args.chunk, kl_cache=cache)
+            host = time.perf_counter() - t0  # every kernel launched; the GPU may still be busy
             loss = sum(float(v) for v in terms.values())  # syncs, like the trainer's check
             if cuda:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             for p in model.parameters():
                 p.grad = None
-            if i < args.warmup:  # includes any torch.compile time
+            if i < args.warmup + args.n:  # includes any torch.compile time
                 warm.append(dt)
             else:
                 times.append(dt)
+                hosts.append(host)
                 real.append(mb.n_real)
                 padded.append(mb.n_padded)
                 floors.append(floor_seconds(model, mb, args.peak_tflops))
@@ -186,6 +196,7 @@ def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool,
     out = {
         "gradient_checkpointing": ckpt, "median_s": round(med, 4),
         "mean_s": round(statistics.mean(times), 4), "min_s": round(min(times), 4),
+        "host_median_s": round(statistics.median(hosts), 4),
         "tokens_per_s": round(statistics.mean(real) / med, 1),
         "padded_tokens_per_s": round(statistics.mean(padded) / med, 1),
         "real_tokens": round(statistics.mean(real)), "padded_tokens": round(statistics.mean(padded)),
@@ -282,6 +293,16 @@ def set_variant(model, variant: str) -> None:
         raise SystemExit(f"unknown variant {variant!r}")
 
 
+def set_switch(switch: str) -> None:
+    """The reference forward's adapter switch: harc's `adapter_disabled`, or PEFT's
+    `disable_adapter` (its model-status report costs ~0.1 s of host time per call at 7B). A harc
+    tree from before the switch (a baseline run of older code) calls PEFT's whatever is asked."""
+    if switch not in SWITCHES:
+        raise SystemExit(f"unknown adapter switch {switch!r}")
+    if SWITCHES["harc"] is not None:
+        step_mod.adapter_disabled = SWITCHES[switch]
+
+
 class _null:
     def __enter__(self):
         return None
@@ -299,7 +320,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
     ap.add_argument("--lens", default="320-424", help="row length range in tokens, lo-hi")
     ap.add_argument("--n", type=int, default=5, help="timed micro-steps")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2,
+                    help="untimed micro-steps before the timed ones (each timed one also runs once untimed)")
     ap.add_argument("--grad-ckpt", choices=("off", "on", "both"), default="both")
     ap.add_argument("--layers", default=None, help="coupled slots, e.g. 21,22,23,24 (default: 4 "
                     "slots at 3/4 depth)")
@@ -309,6 +331,10 @@ def main(argv=None) -> dict:
                     help="also time each variant under kl_cache with these shares of retain rows "
                          "seen before (e.g. 0.8,1: the paper configs draw each retain row 3-35 "
                          "times); the floor stays the uncached one")
+    ap.add_argument("--adapter-switch", default="harc", metavar="S,...",
+                    help="how the reference forward turns the adapter off, each timed in turn: "
+                         "harc (harc.lora.adapter_disabled, the trainer's) and/or peft "
+                         "(PeftModel.disable_adapter, the baseline before it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="fused",
                     help="comma-separated, in order: peft, fused, compiled (see set_variant)")
@@ -340,11 +366,14 @@ def main(argv=None) -> dict:
     results = []
     for variant in args.variants.split(","):
         set_variant(model, variant)
-        for ckpt in modes:
-            for hits in [None, *kl_shares(args)]:
-                rows = Rows(tok, vocab, lo, hi, args.seed)  # same rows for each variant and mode
-                results.append({"variant": variant, "kl_cache_hits": hits,
-                                **run(model, rows, dirs, layers, args, device, ckpt, hits)})
+        for switch in args.adapter_switch.split(","):
+            set_switch(switch)
+            for ckpt in modes:
+                for hits in [None, *kl_shares(args)]:
+                    rows = Rows(tok, vocab, lo, hi, args.seed)  # same rows for every run
+                    results.append({"variant": variant, "adapter_switch": switch,
+                                    "kl_cache_hits": hits,
+                                    **run(model, rows, dirs, layers, args, device, ckpt, hits)})
     if args.sync_debug and device.startswith("cuda"):
         sync_debug(model, Rows(tok, vocab, lo, hi, args.seed), dirs, layers, args, device)
     if args.profile:
@@ -359,6 +388,7 @@ def main(argv=None) -> dict:
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "build_s": round(build_s, 2), "runs": results, "anchors": ANCHORS,
     }
+    KEEP.close()  # restore the blocks now, not in the interpreter's shutdown
     print(json.dumps(report, indent=2))
     return report
 

@@ -80,7 +80,7 @@ class SlotCache(Cache):
     in order, the decode case), `cols` ([batch, T] column each input token writes) and `width`
     (columns attention reads)."""
 
-    def __init__(self, n_layers: int, slots: int, length: int):
+    def __init__(self, n_layers: int, slots: int, length: int, fused_store: bool = False):
         super().__init__(layers=[DynamicLayer() for _ in range(n_layers)])
         self.slots, self.length = slots, length
         self.k: list[Tensor | None] = [None] * n_layers
@@ -89,6 +89,7 @@ class SlotCache(Cache):
         self.cols: Tensor | None = None
         self.width = 0
         self.updates = 0
+        self.fused_store = fused_store  # decode steps write through `_decode_attn.store_kv`
 
     def alloc(self, layer_idx: int, like: Tensor) -> None:
         if self.k[layer_idx] is None:
@@ -101,13 +102,13 @@ class SlotCache(Cache):
         self.updates += 1
         if self.rows is None:
             b = key_states.shape[0]
-            idx = self.cols.view(b, 1, -1, 1).expand(-1, k.shape[1], -1, k.shape[3])
-            k[:b].scatter_(2, idx, key_states)
-            v[:b].scatter_(2, idx, value_states)
+            if not (self.fused_store and _decode_attn.store_kv(k, v, key_states, value_states, self.cols)):
+                idx = self.cols.view(b, 1, -1, 1).expand(-1, k.shape[1], -1, k.shape[3])
+                k[:b].scatter_(2, idx, key_states)
+                v[:b].scatter_(2, idx, value_states)
             return k[:b, :, :self.width], v[:b, :, :self.width]
         r = self.rows[:, None]
-        k[r, :, self.cols] = key_states.transpose(1, 2)
-        v[r, :, self.cols] = value_states.transpose(1, 2)
+        k[r, :, self.cols], v[r, :, self.cols] = key_states.transpose(1, 2), value_states.transpose(1, 2)
         return k[self.rows, :, :self.width], v[self.rows, :, :self.width]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -343,7 +344,7 @@ class Engine:
         lens = [len(s) for s in seqs]
         length = _round_up(max(lens) + self.max_new + 1, 64)
         S = min(self.slots, n)
-        self.cache = SlotCache(len(self.blocks), S, length)
+        self.cache = SlotCache(len(self.blocks), S, length, _decode_attn.store_enabled(self.dev))
         self.cols_ar = torch.arange(length, device=self.dev)
         lng = dict(dtype=torch.long, device=self.dev)
         self.st = {"tok": torch.zeros(S, **lng), "pos": torch.zeros(S, **lng),

@@ -30,6 +30,7 @@ from harc.errors import HarcError
 
 MAX_SPLITS = 16
 _broken: list[str] = []  # the first failure's message; non-empty: never try again in this process
+_store_broken: list[str] = []  # the same, for the KV store kernel
 
 
 def wanted(var: str, device: torch.device) -> bool:
@@ -147,6 +148,61 @@ def attend(query: Tensor, key: Tensor, value: Tensor, lens: Tensor, scale: float
         _fail(e)
         return None
     return out
+
+
+def store_enabled(device: torch.device) -> bool:
+    """Whether decode steps on `device` should write keys and values with `store_kv`
+    (HARC_DECODE_STORE=triton, or unset on CUDA) rather than two scatters (`torch`)."""
+    return kernel_usable("HARC_DECODE_STORE", device, _store_broken, _store_kernel, _store_fail)
+
+
+def _store_fail(e: Exception) -> None:
+    record_failure(_store_broken, e, "KV store", "scatters")
+
+
+def store_kv(k_cache: Tensor, v_cache: Tensor, key: Tensor, value: Tensor, cols: Tensor) -> bool:
+    """Write a decode step's keys and values [B, Hkv, 1, D] into column cols[r] of rows [:B] of the
+    [S, Hkv, L, D] caches, both in one launch (two scatters cost two launches per layer and step).
+    False, having written nothing, when the kernel does not fit or has failed: the caller writes."""
+    b, hkv, t, d = key.shape
+    if (_store_broken or t != 1 or value.shape != key.shape or k_cache.shape != v_cache.shape
+            or k_cache.shape[0] < b or k_cache.shape[1] != hkv or k_cache.shape[3] != d
+            or d & (d - 1) or not k_cache.is_contiguous() or not v_cache.is_contiguous()
+            or not key.dtype == value.dtype == k_cache.dtype == v_cache.dtype
+            or key.stride(-1) != 1 or value.stride(-1) != 1 or cols.numel() != b
+            or cols.dtype not in (torch.int32, torch.int64)):
+        return False
+    try:
+        _store_kernel()[(b,)](k_cache, v_cache, key, value, cols, cols.stride(0),
+                              k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                              key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+                              H=hkv, HP=1 << (hkv - 1).bit_length(), D=d, num_warps=1)
+    except Exception as e:  # compilation or launch: scatters from now on
+        _store_fail(e)
+        return False
+    return True
+
+
+@functools.cache
+def _store_kernel():
+    """The KV store kernel, defined on first use (see `_kernels`)."""
+    global tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kv_store(K, V, KN, VN, Cols, scol, skb, skh, skn, sknb, sknh, svnb, svnh,
+                 H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        col = tl.load(Cols + row * scol).to(tl.int64)
+        h = tl.arange(0, HP)[:, None]
+        dd = tl.arange(0, D)[None, :]
+        m = h < H
+        at = row * skb + h * skh + col * skn + dd
+        tl.store(K + at, tl.load(KN + row * sknb + h * sknh + dd, mask=m), mask=m)
+        tl.store(V + at, tl.load(VN + row * svnb + h * svnh + dd, mask=m), mask=m)
+
+    return kv_store
 
 
 def _interpreted() -> bool:

@@ -21,6 +21,8 @@ DEV = kernel_device()
 @pytest.fixture(autouse=True)
 def no_failure_remembered(monkeypatch):
     forget_failures(monkeypatch, da, "HARC_DECODE_ATTN")
+    monkeypatch.delenv("HARC_DECODE_STORE", raising=False)
+    monkeypatch.setattr(da, "_store_broken", [])
 
 
 def inputs(b, hq, hkv, d, width, dtype, seed=0, length=None):
@@ -180,3 +182,44 @@ def test_the_environment_variable_picks_the_path(monkeypatch):
     monkeypatch.setenv("HARC_DECODE_ATTN", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not da.enabled(torch.device("cpu"))  # CPU: under the interpreter only
+
+
+@pytest.mark.parametrize("hkv, d", [(2, 16), (3, 32), (4, 128)])
+def test_store_kv_matches_the_scatter_it_replaces(hkv, d):
+    """Rows [:B] of a larger cache, keys as transformers passes them (a [B, Hkv, 1, D] view of
+    [B, 1, Hkv, D]), columns from the step's positions ([B, 1]); Hkv=3 exercises the padded head
+    block. Every other element of both caches is left as it was."""
+    g = torch.Generator().manual_seed(d)
+    b, slots, length = 5, 7, 40
+    k0, v0 = (torch.randn(slots, hkv, length, d, generator=g).to(DEV) for _ in range(2))
+    key, value = (torch.randn(b, 1, hkv, d, generator=g).to(DEV).transpose(1, 2) for _ in range(2))
+    cols = torch.tensor([3, 0, 39, 17, 17], device=DEV)[:, None]
+    k, v = k0.clone(), v0.clone()
+    assert da.store_kv(k, v, key, value, cols)
+    idx = cols.view(b, 1, 1, 1).expand(-1, hkv, -1, d)
+    k0[:b].scatter_(2, idx, key)
+    v0[:b].scatter_(2, idx, value)
+    assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+def test_store_kv_declines_what_it_cannot_write():
+    k = v = torch.zeros(4, 2, 8, 16, device=DEV)
+    key = torch.ones(2, 2, 1, 16, device=DEV)
+    cols = torch.zeros(2, 1, dtype=torch.long, device=DEV)
+    assert not da.store_kv(k, v, key.expand(2, 2, 2, 16), key.expand(2, 2, 2, 16), cols)  # 2 tokens
+    assert not da.store_kv(k, v, key.half(), key.half(), cols)  # dtype differs from the cache's
+    assert not da.store_kv(k[:, :, :, :12], v[:, :, :, :12], key[..., :12], key[..., :12], cols)
+    assert k.abs().sum() == 0
+
+
+def test_a_failed_store_warns_once_and_leaves_the_attention_kernel_on(monkeypatch):
+    def broken():
+        raise RuntimeError("no kernel")
+    monkeypatch.setattr(da, "_store_kernel", broken)
+    k = v = torch.zeros(2, 2, 8, 16, device=DEV)
+    key = torch.ones(2, 2, 1, 16, device=DEV)
+    cols = torch.zeros(2, 1, dtype=torch.long, device=DEV)
+    with pytest.warns(UserWarning, match="KV store failed"):
+        assert not da.store_kv(k, v, key, key, cols)
+    assert not da.store_kv(k, v, key, key, cols)  # not tried again, no second warning
+    assert da._store_broken and not da._broken

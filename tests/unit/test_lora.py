@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from harc.lora import attach_lora, fused_lora
+from harc.lora import adapter_disabled, attach_lora, fused_lora, input_casting_off
 
 pytestmark = pytest.mark.unit
 
@@ -77,6 +77,63 @@ def test_disabled_adapter_and_dropout_fall_back_to_peft():
         with fused_lora(drop):
             torch.manual_seed(0)
             torch.testing.assert_close(drop(input_ids=ids).logits, ref)
+
+
+def test_adapter_disabled_is_peft_disable_adapter_without_its_status_report(monkeypatch):
+    """The same base logits as PEFT's context, every layer's flag restored (one layer left
+    disabled beforehand stays so), requires_grad untouched; PEFT's model-status walk never runs."""
+    model = lora_model()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    monkeypatch.setattr(type(model), "get_model_status", lambda self: pytest.fail("status walk"))
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    layers[0].enable_adapters(False)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch.no_grad(), adapter_disabled(model):
+        assert model._adapters_disabled and all(m.disable_adapters for m in layers)
+        assert torch.equal(model(input_ids=ids).logits, base)
+    assert not model._adapters_disabled
+    assert layers[0].disable_adapters and not any(m.disable_adapters for m in layers[1:])
+    assert grads == {n: p.requires_grad for n, p in model.named_parameters()}
+    layers[0].enable_adapters(True)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, adapted)
+    with adapter_disabled(layers[0].base_layer):  # no adapters: passes through
+        pass
+
+
+def test_adapter_disabled_sees_adapters_added_later():
+    model = lora_model()
+    from peft import LoraConfig
+
+    with adapter_disabled(model):
+        pass
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"]))
+    model.set_adapter("second")
+    second = [m for m in model.modules() if hasattr(m, "lora_A") and "second" in m.lora_A]
+    with adapter_disabled(model):
+        assert all(m.disable_adapters for m in second)
+
+
+def test_input_casting_off_matches_peft_and_restores_every_flag():
+    from peft.helpers import disable_input_dtype_casting
+
+    def flags(model):
+        return [getattr(m, "cast_input_dtype_enabled", True) for m in model.modules()
+                if hasattr(m, "lora_A")]
+
+    ref, model = lora_model(), lora_model()
+    with disable_input_dtype_casting(ref):
+        want = flags(ref)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    layers[1].cast_input_dtype_enabled = False  # set before: stays so
+    state = [dict(m.__dict__) for m in layers]
+    with input_casting_off(model):
+        assert flags(model) == want == [False] * len(layers)
+    assert [dict(m.__dict__) for m in layers] == state
 
 
 def test_merge_matches_adapter_logits_in_float32():

@@ -26,7 +26,7 @@ from torch import Tensor
 from harc.activations import ResidualCapture
 from harc.chat import ChatFormat
 from harc.errors import HarcError
-from harc.lora import fused_lora
+from harc.lora import adapter_disabled, fused_lora
 from harc.methods.base import Method, register_method
 from harc.methods.batching import Example, MicroBatch, encode_example
 from harc.methods.config import TrainConfig
@@ -90,7 +90,7 @@ def micro_step(model, mb: MicroBatch, layers: Sequence[int], *, coeffs: Mapping[
     """Forward (and, with `backward_scale`, backward) of rerouting + retain on one micro-batch."""
     body, idx = backbone(model), sorted(layers)
     inputs = dict(input_ids=mb.ids, attention_mask=mb.mask, position_ids=mb.pos)
-    with torch.no_grad(), model.disable_adapter(), autocast(model):
+    with torch.no_grad(), adapter_disabled(model), autocast(model):
         out = ResidualCapture(model, idx, stop_early=True).run(body, **inputs)
         h0 = torch.stack([out[s] for s in idx])
     harmful, retain = mb.is_harmful, mb.retain_rows

@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from harc.chat import ChatFormat
 from harc.config import Config
-from harc.lora import fused_lora
+from harc.lora import adapter_disabled, fused_lora
 from harc.losses import Head, head_kl_retain
 from harc.methods.base import Method, register_method
 from harc.methods.batching import REJECTED, Example, MicroBatch, encode_example
@@ -109,7 +109,7 @@ def micro_step(model, mb: MicroBatch, *, beta: float, weights: dict[str, float],
     B = mb.ids.shape[0]
     chosen, rejected = mb.pairs[:, 0], mb.pairs[:, 1]
     inputs = dict(input_ids=mb.ids, attention_mask=mb.mask, position_ids=mb.pos, use_cache=False)
-    with torch.no_grad(), model.disable_adapter(), autocast(model):
+    with torch.no_grad(), adapter_disabled(model), autocast(model):
         ref = body(**inputs).last_hidden_state
         ref_c = sequence_logps(head, ref, mb.ce_rows, mb.ce_cols, mb.ce_targets, B, chunk)
         ref_r = sequence_logps(head, ref, mb.rej_rows, mb.rej_cols, mb.rej_targets, B, chunk)

@@ -29,7 +29,7 @@ from harc.activations import ResidualCapture, masked_mean
 from harc.directions import NAMES, Directions, extract_directions, prompt_projections
 from harc.errors import HarcError
 from harc.layers import ramp_k, select_layers
-from harc.lora import fused_lora
+from harc.lora import adapter_disabled, fused_lora
 from harc.losses import (
     head_kl_retain,
     head_refusal_ce,
@@ -180,14 +180,6 @@ def micro_step(model, mb: MicroBatch, dirs: Directions, layers: Sequence[int], *
     return terms, proj
 
 
-@contextlib.contextmanager
-def base_only(model):
-    """The model without its adapter (a no-op before one is attached)."""
-    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    with ctx:
-        yield
-
-
 @register_method
 class HarcMethod(Method):
     name = "harc"
@@ -202,7 +194,7 @@ class HarcMethod(Method):
         if directions is None and cfg.directions:
             directions = Directions.load(cfg.directions, model)
         if directions is None:
-            with base_only(model):
+            with adapter_disabled(model):
                 directions = self.extract()
         directions.check_fits(model)
         made_with = directions.meta.get("chat_template")
@@ -210,7 +202,7 @@ class HarcMethod(Method):
             raise HarcError("the directions were extracted with another chat template, raw_template "
                             "or system prompt than this config's; re-extract or match them")
         if self.reads_elsewhere:
-            with base_only(model):
+            with adapter_disabled(model):
                 directions = self.read_extracted(directions.to("cpu"), directions.v_harm)
         self.base_dirs = directions.to("cpu")
         self.dirs = self.base_dirs
@@ -244,7 +236,7 @@ class HarcMethod(Method):
             out["harmful"] = out["harmful"] + recovery_rows(harmful, chat.tokenizer,
                                                             cfg.recovery_tokens)
         if cfg.pseudo_augment and out.get("pseudo"):
-            with base_only(model):
+            with adapter_disabled(model):
                 out["pseudo"] = list(out["pseudo"]) + augment_pseudo(
                     model, chat, out["pseudo"], cfg.pseudo_augment,
                     exclude=prompts_of(out.get("exclude", [])), seed=cfg.seed,

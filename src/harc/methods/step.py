@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from itertools import accumulate
 
 import torch
-from peft.helpers import disable_input_dtype_casting
 from torch import Tensor
 
 from harc.errors import HarcError
+from harc.lora import adapter_disabled, input_casting_off
 from harc.methods.batching import MicroBatch
 from harc.models import decoder_layers, unwrap
 
@@ -58,7 +58,7 @@ def no_input_cast(model):
     unnecessary. Held across backward, so that checkpoint recomputation replays the same ops."""
     if not _half_on_cuda(model):
         return contextlib.nullcontext()
-    return disable_input_dtype_casting(model)
+    return input_casting_off(model)
 
 
 @contextlib.contextmanager
@@ -72,7 +72,11 @@ def compiled_blocks(model, on: bool = True):
         b.forward = torch.compile(b.forward, dynamic=True)
     try:
         # A block that fails to compile runs eagerly (with a warning) instead of ending the run.
-        with torch._dynamo.config.patch(suppress_errors=True) if on else contextlib.nullcontext():
+        # A graph per grad mode x adapter on/off x one-row batch x checkpointing: a process that
+        # trains with and without checkpointing and kl_cache nears dynamo's default limit of 8
+        # per function (9 were logged in one bench run), past which a block silently runs eagerly.
+        with (torch._dynamo.config.patch(suppress_errors=True, recompile_limit=64) if on
+              else contextlib.nullcontext()):
             yield
     finally:
         for b, f in zip(blocks, before, strict=True):
@@ -118,7 +122,7 @@ def _base_states(model, mb: MicroBatch, rows: Tensor) -> Tensor:
     """Final hidden states of the base model (adapter off) for `rows` of `mb` (retain rows),
     without the columns that are padding in every retain row."""
     trim = mb.retain_trim
-    with model.disable_adapter(), autocast(model):
+    with adapter_disabled(model), autocast(model):
         return backbone(model)(input_ids=mb.ids[rows, trim:], attention_mask=mb.mask[rows, trim:],
                                position_ids=mb.pos[rows, trim:], use_cache=False).last_hidden_state
 

@@ -24,7 +24,7 @@ from peft import PeftModel
 from harc.errors import HarcError
 from harc.eval.filters import Filter
 from harc.generation import generate
-from harc.lora import check_adapter_compat
+from harc.lora import adapter_disabled, check_adapter_compat
 from harc.models import load_model
 from harc.serve.policy import Target, output_flags
 
@@ -102,7 +102,7 @@ class Engine:
                 raise HarcError(f"adapter {adapter!r} is not loaded")
             yield
         elif adapter is None:
-            with self.model.disable_adapter():
+            with adapter_disabled(self.model):
                 yield
         else:
             self.model.set_adapter(adapter)

@@ -123,6 +123,7 @@ def test_released_configs_match_the_paper():
         assert (c.refresh_every, c.beta, c.k_start, c.k_final, c.ramp_step) == (200, 0.3, 2, 4, 1000)
         assert (c.weights.couple, c.weights.couple_resp, c.weights.kl, c.weights.ce) == (1, 1, 10, 1)
         assert c.steps == steps and c.raw_template == raw and c.layer_score == "variant_d"
+        assert c.compile and c.kl_cache and not c.gradient_checkpointing  # the measured 7B step
     from harc.pipeline import load_run_config
 
     # `harc run` configs: the CPU demo is short; the GPU replication keeps the paper's schedule.
