@@ -72,9 +72,9 @@ def compiled_blocks(model, on: bool = True):
         b.forward = torch.compile(b.forward, dynamic=True)
     try:
         # A block that fails to compile runs eagerly (with a warning) instead of ending the run.
-        # A graph per grad mode x adapter on/off x one-row batch x checkpointing: a process that
-        # trains with and without checkpointing and kl_cache nears dynamo's default limit of 8
-        # per function (9 were logged in one bench run), past which a block silently runs eagerly.
+        # A graph per grad mode x adapter on/off x one-row batch x checkpointing, per LoRA class:
+        # a bench run of a step variant (since reverted) logged 9, past dynamo's default limit of
+        # 8 per function, after which a block silently runs eagerly.
         with (torch._dynamo.config.patch(suppress_errors=True, recompile_limit=64) if on
               else contextlib.nullcontext()):
             yield
