@@ -16,12 +16,12 @@ Cases (--cases, in this order; each one that fails is recorded and the next one 
   device, --batches rows of random token prompts of --prompt-lens tokens, --max-new-tokens with
   no early stop. Each engine runs twice, with 1 and with N new tokens: ms per decode step is
   (t_N - t_1) / (N - 1), so prefill is left out. harc's decoder runs once per --decode-kernels
-  variant ATTN/NORM[/ROPE[/PROJ[/STORE]]] (HARC_DECODE_ATTN=sdpa|triton, HARC_DECODE_NORM=torch|triton,
-  HARC_DECODE_ROPE=torch|triton, HARC_DECODE_PROJ=torch|triton, HARC_DECODE_STORE=torch|triton;
-  `default` leaves them unset: triton on CUDA), recorded as
-  new[VARIANT] (`new` for default). Its t_1 is taken once per NORM/ROPE/PROJ: prefill never runs the
-  decode attention or the decode KV store. --old-max-new-tokens shortens the
-  old engine's run (its ms per step from fewer steps; differing rows over those tokens).
+  variant ATTN/NORM[/ROPE[/PROJ[/STORE[/RESID]]]] (HARC_DECODE_ATTN=sdpa|triton,
+  HARC_DECODE_NORM, _ROPE, _PROJ, _STORE and _RESIDUAL=torch|triton; `default` leaves them unset:
+  triton on CUDA), recorded as new[VARIANT] (`new` for default). Its t_1 is taken once per
+  NORM/ROPE/PROJ/RESID: prefill never runs the decode attention or the decode KV store.
+  --old-max-new-tokens shortens the old engine's run (its ms per step from fewer steps;
+  differing rows over those tokens).
 - real: --model (loaded with harc.models.load_model) on a realistic mix: harc attacks (--attacks,
   long templates such as dan included) applied to --n-requests HarmBench requests, plus as many
   plain benign prompts; EOS stops rows. Wall time of the whole set at --batch-size, and rows whose
@@ -133,10 +133,10 @@ def timed(dev, fn) -> float:
 
 @contextmanager
 def kernels(variant: str):
-    """HARC_DECODE_ATTN, _NORM, _ROPE, _PROJ and _STORE set for a --decode-kernels variant
-    ATTN/NORM[/ROPE[/PROJ[/STORE]]]."""
+    """HARC_DECODE_ATTN, _NORM, _ROPE, _PROJ, _STORE and _RESIDUAL set for a --decode-kernels
+    variant ATTN/NORM[/ROPE[/PROJ[/STORE[/RESID]]]]."""
     names = ("HARC_DECODE_ATTN", "HARC_DECODE_NORM", "HARC_DECODE_ROPE", "HARC_DECODE_PROJ",
-             "HARC_DECODE_STORE")
+             "HARC_DECODE_STORE", "HARC_DECODE_RESIDUAL")
     old = {k: os.environ.get(k) for k in names}
     if variant != "default":
         for k, v in zip(names, variant.split("/")):
@@ -339,13 +339,16 @@ def case_dims(args, dev, arch: str) -> dict:
                "old_max_new_tokens": n_old}
         same = dict(args=args, model=model, seqs=seqs, weights=weights, kv_token=kv_token)
         old_toks, _, rec["old"] = measure("old", n_old, **same)
-        prefill: dict[str, float] = {}  # t_1 per NORM/ROPE/PROJ setting
+        prefill: dict[str, float] = {}  # t_1 per NORM/ROPE/PROJ/RESID setting
+        first = None  # the first variant's tokens: a kernel that rounds alike changes none
         for v in variants:
-            norm = "/".join(v.split("/")[1:4]) if v != "default" else v
+            norm = "/".join(v.split("/")[1:4] + v.split("/")[5:]) if v != "default" else v
             with kernels(v):
                 toks, prefill[norm], r = measure("new", n, t1=prefill.get(norm), **same)
             r["speedup_decode"] = rec["old"]["ms_per_step"] / r["ms_per_step"]
             r["differing_rows"] = differing(old_toks, [t[:n_old] for t in toks])
+            first = first or (new_key(v), toks)
+            r[f"differing_rows_vs_{first[0]}"] = differing(first[1], toks)
             rec[new_key(v)] = r
         if args.profile and dev.type == "cuda":
             for graphs in (True, False):
@@ -503,7 +506,7 @@ def main() -> None:
     ap.add_argument("--old-max-new-tokens", type=int, default=None,
                     help="new tokens of the old engine in `dims` (default: --max-new-tokens)")
     ap.add_argument("--decode-kernels", default="default",
-                    help="`dims`: harc's decoder once per ATTN/NORM[/ROPE[/PROJ[/STORE]]], e.g. "
+                    help="`dims`: harc's decoder once per ATTN/NORM[/ROPE[/PROJ[/STORE[/RESID]]]], e.g. "
                          "sdpa/torch/torch/torch,triton/triton/triton/triton")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--attacks", default=DEFAULT_ATTACKS)
@@ -517,10 +520,10 @@ def main() -> None:
     args = ap.parse_args()
     for v in args.decode_kernels.split(","):
         parts = v.split("/")
-        if v != "default" and (len(parts) not in (2, 3, 4, 5) or parts[0] not in ("sdpa", "triton")
+        if v != "default" and (len(parts) not in (2, 3, 4, 5, 6) or parts[0] not in ("sdpa", "triton")
                                or any(x not in ("torch", "triton") for x in parts[1:])):
-            ap.error(f"--decode-kernels: {v!r} is not ATTN/NORM[/ROPE[/PROJ[/STORE]]] (sdpa|triton, then "
-                     "torch|triton for each other) or default")
+            ap.error(f"--decode-kernels: {v!r} is not ATTN/NORM[/ROPE[/PROJ[/STORE[/RESID]]]] "
+                     "(sdpa|triton, then torch|triton for each other) or default")
     if args.quick:
         args.device = args.device or "cpu"
         args.archs, args.batches, args.prompt_lens, args.max_new_tokens = "tiny", "8,16", "30-60", 16

@@ -4,6 +4,7 @@
     python bench/train_step.py --arch tiny                                          # CPU, seconds
     python bench/train_step.py --model smollm2-135m-instruct --lens 96-160           # CPU
     python bench/train_step.py --arch qwen2-7b --variants peft,fused,compiled        # ablation
+    python bench/train_step.py --arch qwen2-7b --variants compiled --accum 1,2       # as trained
 
 What is timed is `harc.methods.harc.micro_step`, the trainer's own code: 6 harmful + 4 harmless + 2 pseudo
 rows, LoRA r32/a64 on the seven projections, prompt + response coupling on K=4 layers, KL retain
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import random
 import statistics
@@ -150,43 +152,58 @@ def floor_seconds(model, mb, peak_tflops: float) -> float:
 
 
 def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool,
-        hits: float | None = None) -> dict:
+        hits: float | None = None, k: int = 1) -> dict:
     """Median micro-step; with `hits`, under `kl_cache`, where that share of each micro-batch's
-    retain rows (rounded) was seen before: their reference states are put in the cache untimed."""
+    retain rows (rounded) was seen before: their reference states are put in the cache untimed.
+    With k > 1 (--accum), the trainer's optimizer step is timed instead and divided by K: K
+    micro-steps launched back to back (the trainer syncs once per optimizer step, so a micro-step's
+    launches overlap the GPU's tail of the one before), gradient clipping and AdamW on the
+    adapter, as harc.methods.engine runs them."""
     set_checkpointing(model, ckpt)
     model.train()
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6) if k > 1 else None  # the trainer's optimizer
     times, hosts, real, padded, floors, warm = [], [], [], [], [], []
-    batches = [rows.batch().to(device) for _ in range(args.warmup + args.n)]
-    # Each timed micro-batch also runs once untimed, first: a shape's first step pays one-offs
+    groups = [[rows.batch().to(device) for _ in range(k)] for _ in range(args.warmup + args.n)]
+    # Each timed group also runs once untimed, first: a shape's first step pays one-offs
     # (allocator growth, a recompile) that a long run pays once, not every step.
-    order = batches[:args.warmup] + batches[args.warmup:] * 2
+    order = groups[:args.warmup] + groups[args.warmup:] * 2
     try:
-        for i, mb in enumerate(order):
-            cache = primed_cache(model, mb, hits)
+        for i, group in enumerate(order):
+            caches = [primed_cache(model, mb, hits) for mb in group]
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            terms, _ = micro_step(model, mb, dirs, layers, margin=0.5, backward_scale=0.5,
-                                  chunk=args.chunk, kl_cache=cache)
+            losses = []
+            for mb, cache in zip(group, caches):
+                terms, _ = micro_step(model, mb, dirs, layers, margin=0.5,
+                                      backward_scale=0.5 if k == 1 else 1.0 / k,
+                                      chunk=args.chunk, kl_cache=cache)
+                losses.append(sum(terms.values()))
+            if opt is not None:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
             host = time.perf_counter() - t0  # every kernel launched; the GPU may still be busy
-            loss = sum(float(v) for v in terms.values())  # syncs, like the trainer's check
+            loss = float(sum(losses))  # syncs, like the trainer's check
             if cuda:
                 torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            dt = (time.perf_counter() - t0) / k
             for p in model.parameters():
                 p.grad = None
             if i < args.warmup + args.n:  # includes any torch.compile time
                 warm.append(dt)
             else:
                 times.append(dt)
-                hosts.append(host)
-                real.append(mb.n_real)
-                padded.append(mb.n_padded)
-                floors.append(floor_seconds(model, mb, args.peak_tflops))
+                hosts.append(host / k)
+                real.append(statistics.mean(mb.n_real for mb in group))
+                padded.append(statistics.mean(mb.n_padded for mb in group))
+                floors.append(statistics.mean(floor_seconds(model, mb, args.peak_tflops)
+                                              for mb in group))
     except torch.OutOfMemoryError:
         for p in model.parameters():
             p.grad = None
@@ -194,7 +211,7 @@ def run(model, rows: Rows, dirs, layers, args, device: str, ckpt: bool,
                 "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
     med = statistics.median(times)
     out = {
-        "gradient_checkpointing": ckpt, "median_s": round(med, 4),
+        "gradient_checkpointing": ckpt, "accum": k, "median_s": round(med, 4),
         "mean_s": round(statistics.mean(times), 4), "min_s": round(min(times), 4),
         "host_median_s": round(statistics.median(hosts), 4),
         "tokens_per_s": round(statistics.mean(real) / med, 1),
@@ -319,7 +336,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="bfloat16 (GPU default) or float32 (CPU default)")
     ap.add_argument("--lens", default="320-424", help="row length range in tokens, lo-hi")
-    ap.add_argument("--n", type=int, default=5, help="timed micro-steps")
+    ap.add_argument("--n", type=int, default=5, help="timed micro-steps (optimizer steps with --accum)")
+    ap.add_argument("--accum", default="1", metavar="K,...",
+                    help="micro-steps per timed unit, each in turn: 1 times micro-steps alone; K > 1 "
+                         "times optimizer steps of K micro-steps as the trainer runs them (one sync "
+                         "per optimizer step, AdamW included), per micro-step")
     ap.add_argument("--warmup", type=int, default=2,
                     help="untimed micro-steps before the timed ones (each timed one also runs once untimed)")
     ap.add_argument("--grad-ckpt", choices=("off", "on", "both"), default="both")
@@ -363,17 +384,18 @@ def main(argv=None) -> dict:
               [min(3 * n_layers // 4 + i, n_layers) for i in range(-2, 2)])
     lo, hi = (int(x) for x in args.lens.split("-"))
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.grad_ckpt]
+    accums = [int(x) for x in args.accum.split(",")]
     results = []
     for variant in args.variants.split(","):
         set_variant(model, variant)
         for switch in args.adapter_switch.split(","):
             set_switch(switch)
             for ckpt in modes:
-                for hits in [None, *kl_shares(args)]:
+                for hits, k in itertools.product([None, *kl_shares(args)], accums):
                     rows = Rows(tok, vocab, lo, hi, args.seed)  # same rows for every run
                     results.append({"variant": variant, "adapter_switch": switch,
                                     "kl_cache_hits": hits,
-                                    **run(model, rows, dirs, layers, args, device, ckpt, hits)})
+                                    **run(model, rows, dirs, layers, args, device, ckpt, hits, k)})
     if args.sync_debug and device.startswith("cuda"):
         sync_debug(model, Rows(tok, vocab, lo, hi, args.seed), dirs, layers, args, device)
     if args.profile:

@@ -9,8 +9,9 @@ attention-function interfaces; steering and monitor hooks see the usual residual
 
 Host and device meet once per window of decode steps: the host reads which rows finished, refills
 or compacts the slots and launches the next window, then decodes finished texts while it runs. On
-CUDA each (rows, width) bucket's step is captured once as a CUDA graph and replayed; its inputs
-are the persistent state tensors, updated in place.
+CUDA each bucket's step is captured once as a CUDA graph and replayed; its inputs are the
+persistent state tensors, updated in place. A bucket is a row count, and also a cache width when
+SDPA reads the cache (Triton's attention reads each row's own columns, so it takes them all).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from harc import _decode_attn, _decode_norm, _decode_proj, _decode_rope
+from harc._decode_prefix import prefix_groups
 from harc.models import decoder_layers, unwrap
 
 ATTN = "harc_slots"
@@ -115,55 +117,6 @@ class SlotCache(Cache):
         return 0  # positions are always given explicitly
 
 
-def prefix_groups(seqs: list[list[int]], min_len: int = 32, overhead: int = 64
-                  ) -> tuple[list[int], list[int], list[list[int]]]:
-    """Shared token prefixes worth computing once: (group per row or -1, prefix length per row,
-    prefix tokens per group).
-
-    Sorted lexicographically, rows sharing a prefix are contiguous and the longest prefix shared by
-    a run is the minimum adjacent common-prefix length. A run either uses one prefix or splits at
-    its minima into runs with longer prefixes; the cheaper in prefilled tokens wins (a prefix pass
-    counts `overhead` extra tokens). Each prefix leaves at least one token per row to prefill.
-    """
-    n = len(seqs)
-    order = sorted(range(n), key=lambda i: seqs[i])
-
-    def lcp(a: list[int], b: list[int]) -> int:
-        m = min(len(a), len(b))
-        i = 0
-        while i < m and a[i] == b[i]:
-            i += 1
-        return i
-
-    adj = [lcp(seqs[order[k]], seqs[order[k + 1]]) for k in range(n - 1)]
-    chosen: list[tuple[int, int, int]] = []  # (start, end inclusive, prefix length) in `order`
-
-    def best(a: int, b: int, depth: int) -> tuple[int, list]:
-        total = sum(len(seqs[order[k]]) for k in range(a, b + 1))
-        if a == b:
-            return total, []
-        low = min(adj[a:b])
-        m = min(low, min(len(seqs[order[k]]) for k in range(a, b + 1)) - 1)
-        one = (total - (b - a) * m + overhead, [(a, b, m)]) if m >= min_len else (total, [])
-        if depth > 64:
-            return one
-        cost, plan, start = 0, [], a
-        for k in range(a, b + 1):
-            if k == b or adj[k] == low:
-                c, p = best(start, k, depth + 1)
-                cost, plan, start = cost + c, plan + p, k + 1
-        return min(one, (cost, plan), key=lambda x: x[0])
-
-    if n > 1:
-        chosen = best(0, n - 1, 0)[1]
-    group, plen, tokens = [-1] * n, [0] * n, []
-    for a, b, m in chosen:
-        for k in range(a, b + 1):
-            group[order[k]], plen[order[k]] = len(tokens), m
-        tokens.append(seqs[order[a]][:m])
-    return group, plen, tokens
-
-
 class CudaGraphs:
     """One CUDA graph per decode-step bucket, sharing a memory pool (replays never overlap).
 
@@ -178,20 +131,27 @@ class CudaGraphs:
         # eager warm-up steps: real steps, but slow ones, which a benchmark of replays leaves out
         self.warmup_seconds, self.warmup_steps = 0.0, 0
 
+    def eager(self, fn: Callable[[], None], stream=None) -> None:
+        """A step run without a graph, counted with the warm-ups."""
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if stream is None:
+            fn()
+        else:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn()
+            torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.warmup_steps += 1
+        self.warmup_seconds += time.perf_counter() - t0
+
     def run(self, key, fn: Callable[[], None]) -> None:
         g = self.graphs.get(key)
         if g is not None:
             g.replay()
             return
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        self.side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side):
-            fn()
-        torch.cuda.current_stream().wait_stream(self.side)
-        torch.cuda.synchronize()
-        self.warmup_steps += 1
-        self.warmup_seconds += time.perf_counter() - t0
+        self.eager(fn, self.side)
         t0 = time.perf_counter()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool, capture_error_mode="thread_local"):
@@ -244,10 +204,11 @@ class Engine:
         self.triton_norm = _decode_norm.enabled(self.dev)
         self.triton_rope = _decode_rope.enabled(self.dev)
         self.merge_proj = _decode_proj.enabled(self.dev)
+        self.fuse_residual = _decode_norm.residual_enabled(self.dev)
         self.stats = {"steps": 0, "fills": 0, "compactions": 0, "prefill_tokens": 0,
                       "prefix_tokens": 0, "forwards": 0, "graphs": 0, "eager_fallback": None,
                       "decode_attn": None, "fused_norms": 0, "fused_rotary": 0,
-                      "merged_projections": 0}
+                      "merged_projections": 0, "fused_residuals": 0}
         self._decoding = False
         self._h: Tensor | None = None
 
@@ -316,8 +277,9 @@ class Engine:
 
     def _run_step(self, b: int, width: int) -> None:
         self.stats["steps"] += 1
-        if self.graphs is None:
-            self._step(b, width)
+        if self.graphs is None or self.stats["decode_attn"] is None:
+            # The first step runs eagerly: it shows which attention the graphs would hold.
+            (self.graphs.eager if self.graphs else lambda f: f())(partial(self._step, b, width))
             self.stats["decode_attn"] = _decode_path[0]
             return
         try:
@@ -361,13 +323,15 @@ class Engine:
         with ExitStack() as undo:
             if self.monitor is not None:
                 undo.callback(self._monitor_hook().remove)
-            if self.triton_norm:
-                self.stats["fused_norms"] = undo.enter_context(_decode_norm.fused_norms(self.model))
-            if self.triton_rope:
-                self.stats["fused_rotary"] = undo.enter_context(_decode_rope.fused_rotary(self.model))
-            if self.merge_proj:
-                self.stats["merged_projections"] = undo.enter_context(
-                    _decode_proj.merged_projections(self.model))
+            for key, on, fuse in (  # residual adds first: the layers' norms are still plain
+                    ("fused_residuals", self.fuse_residual,
+                     lambda: _decode_norm.fused_residuals(self.blocks)),
+                    ("fused_norms", self.triton_norm, lambda: _decode_norm.fused_norms(self.model)),
+                    ("fused_rotary", self.triton_rope, lambda: _decode_rope.fused_rotary(self.model)),
+                    ("merged_projections", self.merge_proj,
+                     lambda: _decode_proj.merged_projections(self.model))):
+                if on:
+                    self.stats[key] = undo.enter_context(fuse())
             b, snap, row_of = S, None, self.row_of
             while True:
                 rows, toks = [], []
@@ -391,15 +355,24 @@ class Engine:
                     live = [s for s in range(b) if row_of[s] >= 0]
                 if live and self.max_new > 1:
                     top = max(lens[row_of[s]] + self.ngen[s] for s in live)
-                    width = width_bucket(top + self.window, length)
+                    bucket = width_bucket(top + self.window, length)
                     for _ in range(self.window):
-                        self._monitored_step(b, width, stopped)
+                        self._monitored_step(b, self._width(b, bucket, length), stopped)
                 if rows:  # texts and callbacks overlap the window just launched
                     finish(rows, toks, [r in stopped for r in rows])
                 if not live and not pending:
                     break
                 snap = torch.cat([self.st["done"][:b, None].long(), self.st["ngen"][:b, None],
                                   self.st["out"][:b]], 1).cpu()
+
+    def _width(self, b: int, bucket: int, length: int) -> int:
+        """Columns a decode step reads: all under Triton's attention, which reads each row's own
+        (so one graph serves a row bucket), unless that changes the kernel's split count and with
+        it the rounding; else the bucket."""
+        if self.stats["decode_attn"] != "triton":
+            return bucket
+        splits = partial(_decode_attn.default_splits, b, self.cache.k[0].shape[1], device=self.dev)
+        return length if splits(width=length) == splits(width=bucket) else bucket
 
     def _fill(self, take: list[int], free: list[int], seqs: list[list[int]]) -> None:
         """Prefill the prompts `take` into free slots (after their shared prefixes), in chunks of

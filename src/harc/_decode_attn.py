@@ -61,6 +61,13 @@ def kernel_usable(var: str, device: torch.device, broken: list[str], load, fail)
     return True
 
 
+def hooked(m: torch.nn.Module) -> bool:
+    """Whether calling `m` runs more than its class's forward: hooks, accelerate's offloading, a
+    forward replaced on the instance (code that a fused path would skip)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
+                or "forward" in m.__dict__)
+
+
 def record_failure(broken: list[str], e: Exception, kernel: str, fallback: str) -> None:
     """Remember a kernel's first failure (it is not tried again) and warn once."""
     msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

@@ -12,6 +12,15 @@ while decoding, after checking each class against its own forward on a random in
 disagrees, and modules whose forward someone else already replaced, keep theirs. Inputs the kernel
 does not take (another dtype than the weight's, a non-contiguous row) go through the original.
 `HARC_DECODE_NORM=torch|triton` picks (default: triton on CUDA); a failure warns once.
+
+`fused_residuals(blocks)` also folds each residual add into the RMSNorm that follows it: a
+Llama-style decoder layer (input norm, attention, add, post-attention norm, MLP, add) runs with the
+post-attention add and norm in one kernel, and its last add computes the next layer's input norm
+too, which that layer takes instead of normalising again: four launches per layer become two. The
+sum is rounded to the dtype before it is normalised, as transformers does, so outputs are unchanged
+bit for bit against this module's RMSNorm. Each layer class is first checked against its own
+forward on a deterministic input; layers with other children, hooked norms or a replaced forward
+keep theirs. `HARC_DECODE_RESIDUAL=torch|triton` picks (default: triton on CUDA).
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from harc._decode_attn import kernel_usable, record_failure
+from harc._decode_attn import hooked, kernel_usable, record_failure
 
 _broken: list[str] = []
 
@@ -45,9 +54,21 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     rows = x.reshape(-1, n)
     out = torch.empty_like(rows)
     block = 1 << (n - 1).bit_length()
-    _kernel()[(rows.shape[0],)](rows, weight, out, n, eps, BLOCK=block,
+    _kernel()[(rows.shape[0],)](rows, rows, weight, rows, out, n, eps, BLOCK=block, ADD=False,
                                 num_warps=max(1, min(8, block // 256)))
     return out.view(x.shape)
+
+
+def add_rms_norm(x: Tensor, y: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(s, rms_norm(s, weight, eps)) for s = x + y rounded to the dtype, in one pass over
+    contiguous x and y of the weight's dtype and shape."""
+    n = x.shape[-1]
+    a, b = x.reshape(-1, n), y.reshape(-1, n)
+    s, out = torch.empty_like(a), torch.empty_like(a)
+    block = 1 << (n - 1).bit_length()
+    _kernel()[(a.shape[0],)](a, b, weight, s, out, n, eps, BLOCK=block, ADD=True,
+                             num_warps=max(1, min(8, block // 256)))
+    return s.view(x.shape), out.view(x.shape)
 
 
 def _matches(module: torch.nn.Module) -> bool:
@@ -110,14 +131,126 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def rms_norm_rows(X, W, Y, n, eps, BLOCK: tl.constexpr):
+    def rms_norm_rows(X, R, W, S, Y, n, eps, BLOCK: tl.constexpr, ADD: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
         x = tl.load(X + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+        if ADD:  # the residual sum, rounded to the dtype as transformers' add rounds it
+            x = (x + tl.load(R + row * n + cols, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(X.dtype.element_ty)
+            tl.store(S + row * n + cols, x, mask=mask)
+            x = x.to(tl.float32)
         h = x * (1.0 / tl.sqrt(tl.sum(x * x, 0) / n + eps))
         h = h.to(X.dtype.element_ty).to(tl.float32)
         w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(Y + row * n + cols, (w * h).to(Y.dtype.element_ty), mask=mask)
 
     return rms_norm_rows
+
+
+# residual add + RMSNorm -----------------------------------------------------------------------
+_LAYER_CHILDREN = {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}
+
+
+def residual_enabled(device: torch.device) -> bool:
+    """Whether decoding on `device` should fold residual adds into the norms
+    (HARC_DECODE_RESIDUAL=triton, or unset on CUDA) and the kernel builds."""
+    return kernel_usable("HARC_DECODE_RESIDUAL", device, _broken, _kernel, _fail)
+
+
+class _Chain:
+    """The input norm of the next layer, computed by the previous layer's last add:
+    (that add's output, the norm module, the normalised output)."""
+
+    pending: tuple[Tensor, torch.nn.Module, Tensor] | None = None
+
+
+def _add_norm(x: Tensor, y: Tensor, norm: torch.nn.Module) -> tuple[Tensor, Tensor]:
+    w = norm.weight
+    if not _broken and x.dtype == y.dtype == w.dtype and x.shape == y.shape \
+            and x.shape[-1] == w.shape[0] and x.is_contiguous() and y.is_contiguous():
+        try:
+            return add_rms_norm(x, y, w, norm.variance_epsilon)
+        except Exception as e:  # compilation or launch: transformers' arithmetic from now on
+            _fail(e)
+    s = x + y
+    return s, norm(s)
+
+
+def _layer_forward(layer: torch.nn.Module, chain: _Chain, nxt: torch.nn.Module | None,
+                   hidden_states: Tensor, *args, **kwargs) -> Tensor:
+    if args:  # a caller passing more than the hidden states by position: the layer's own code
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
+    p, chain.pending = chain.pending, None
+    if p is not None and p[0] is hidden_states and p[1] is layer.input_layernorm:
+        x = p[2]
+    else:
+        x = layer.input_layernorm(hidden_states)
+    a = layer.self_attn(hidden_states=x, **kwargs)[0]
+    h, x = _add_norm(hidden_states, a, layer.post_attention_layernorm)
+    m = layer.mlp(x)
+    if nxt is None:
+        return h + m
+    out, normed = _add_norm(h, m, nxt)
+    chain.pending = (out, nxt, normed)
+    return out
+
+
+def _llama_layer(m: torch.nn.Module) -> bool:
+    """Exactly the four children of a Llama-style layer, whose norms run no other code than
+    their class's (the fused path calls the post-attention norm's arithmetic directly)."""
+    return ({k for k, _ in m.named_children()} == _LAYER_CHILDREN and "forward" not in m.__dict__
+            and all(_llama_style(n) and not hooked(n)
+                    for n in (m.input_layernorm, m.post_attention_layernorm)))
+
+
+def _layer_matches(layer: torch.nn.Module) -> bool:
+    """The fused forward reproduces the layer's own on a deterministic 3-token input, and the
+    next norm it computes (here: the layer's own input norm) matches that norm of its output."""
+    w = layer.post_attention_layernorm.weight
+    n, d = w.shape[0], layer.self_attn.head_dim
+    x = (torch.linspace(-2, 2, 3 * n, device=w.device).reshape(1, 3, n).roll(n // 3)).to(w.dtype)
+    ang = torch.linspace(0, 3, 3 * (d // 2), device=w.device).reshape(1, 3, d // 2)
+    cos, sin = (torch.cat([f(ang)] * 2, -1).to(w.dtype) for f in (torch.cos, torch.sin))
+    mask = torch.full((1, 1, 3, 3), torch.finfo(w.dtype).min, device=w.device).triu(1).to(w.dtype)
+    kw = dict(attention_mask=mask, position_ids=torch.arange(3, device=w.device)[None],
+              position_embeddings=(cos, sin))
+    ref = type(layer).forward(layer, x, **kw)
+    chain = _Chain()
+    ours = _layer_forward(layer, chain, layer.input_layernorm, x, **kw)
+    if not (isinstance(ref, Tensor) and ref.dtype == ours.dtype and chain.pending is not None):
+        return False
+    tol = 1e-5 if w.dtype == torch.float32 else 2 ** -6
+    scale = ref.float().abs().max().clamp_min(1.0)
+    return all(bool(((a.float() - b.float()).abs() <= tol * scale).all())
+               for a, b in ((ours, ref), (chain.pending[2], layer.input_layernorm(ref))))
+
+
+@contextmanager
+def fused_residuals(blocks: list[torch.nn.Module]) -> Iterator[int]:
+    """Inside the block the Llama-style decoder layers among `blocks` (in order) fold their
+    residual adds into the norms that follow (see the module docstring); yields how many. Enter
+    it before `fused_norms`: a norm whose forward is already replaced keeps its layer unfused."""
+    verdict: dict[type, bool] = {}
+    ok = []
+    for b in blocks:
+        good = _llama_layer(b)
+        if good and type(b) not in verdict:
+            try:
+                with torch.no_grad():
+                    verdict[type(b)] = _layer_matches(b)
+            except Exception:  # another attention signature or output: the layer's own forward
+                verdict[type(b)] = False
+        ok.append(good and verdict[type(b)])
+    chain, patched = _Chain(), []
+    for i, b in enumerate(blocks):
+        if ok[i]:
+            nxt = blocks[i + 1].input_layernorm if i + 1 < len(blocks) and ok[i + 1] else None
+            b.forward = functools.partial(_layer_forward, b, chain, nxt)
+            patched.append(b)
+    try:
+        yield len(patched)
+    finally:
+        for b in patched:
+            b.__dict__.pop("forward", None)

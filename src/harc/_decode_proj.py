@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harc._decode_attn import kernel_usable, record_failure
+from harc._decode_attn import hooked, kernel_usable, record_failure
 
 _broken: list[str] = []
 
@@ -59,15 +59,10 @@ def _plain(*mods: nn.Module) -> bool:
         return False
     w0 = mods[0].weight
     return all(
-        type(m.weight) is nn.Parameter and m.weight.is_floating_point() and not _hooked(m)
+        type(m.weight) is nn.Parameter and m.weight.is_floating_point() and not hooked(m)
         and m.weight.shape[1] == w0.shape[1] and m.weight.dtype == w0.dtype
         and m.weight.device == w0.device and (m.bias is None) == (mods[0].bias is None)
         for m in mods)
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook")
-                or "forward" in m.__dict__)
 
 
 class _Group:
@@ -143,15 +138,15 @@ def _mlp_matches(module: nn.Module, group: _Group) -> bool:
 
 def _mlp(m: nn.Module) -> list[nn.Linear] | None:
     names = ("gate_proj", "up_proj", "down_proj")
-    if not all(isinstance(getattr(m, k, None), nn.Module) for k in names) or _hooked(m) \
-            or not isinstance(getattr(m, "act_fn", None), nn.Module) or _hooked(m.act_fn):
+    if not all(isinstance(getattr(m, k, None), nn.Module) for k in names) or hooked(m) \
+            or not isinstance(getattr(m, "act_fn", None), nn.Module) or hooked(m.act_fn):
         return None
     gate, up = m.gate_proj, m.up_proj
     return [gate, up] if _plain(gate, up) and gate.out_features == up.out_features else None
 
 
 def _qkv(m: nn.Module) -> list[nn.Linear] | None:
-    if not type(m).__name__.endswith("Attention") or _hooked(m):
+    if not type(m).__name__.endswith("Attention") or hooked(m):
         return None
     mods = [getattr(m, k, None) for k in ("q_proj", "k_proj", "v_proj")]
     return mods if all(isinstance(x, nn.Module) for x in mods) and _plain(*mods) else None

@@ -64,11 +64,17 @@ def rotate(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
     qo, ko = torch.empty_like(q), torch.empty_like(k)  # the inputs' strides, as transformers'
     cb = 0 if cos.shape[0] == 1 else cos.stride(0)
     sb = 0 if sin.shape[0] == 1 else sin.stride(0)
-    _kernel()[(b * t, hq + hk)](
-        q, k, cos, sin, qo, ko, t, hq,
+    # A program rotates HB heads of one token and reads its cos and sin once: one program per
+    # head took 6.6 us a layer at batch 256 on an H200 (issue #12's profile), ~8x its bytes.
+    hb = min(8, 1 << (min(hq, hk).bit_length() - 1))
+    # No fused multiply-adds: with them the H200 results differed from transformers' in the last
+    # bit in every dtype (tests/unit/test_decode_rope.py), and bf16 greedy tokens changed.
+    _kernel()[(b * t, -(-hq // hb) + -(-hk // hb))](
+        q, k, cos, sin, qo, ko, t, hq, hk,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
-        cb, cos.stride(1), sb, sin.stride(1), HALF=d // 2, num_warps=1)
+        cb, cos.stride(1), sb, sin.stride(1), HALF=d // 2, HB=hb,
+        num_warps=max(1, min(4, hb * d // 512)), enable_fp_fusion=False)
     return qo, ko
 
 
@@ -138,34 +144,41 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    @triton.jit(do_not_specialize=["t", "hq"])
-    def rope(Q, K, C, S, QO, KO, t, hq,
+    @triton.jit(do_not_specialize=["t", "hq", "hk"])
+    def rope(Q, K, C, S, QO, KO, t, hq, hk,
              sqb, sqh, sqt, skb, skh, skt, sob, soh, sot, skob, skoh, skot,
-             scb, sct, ssb, sst, HALF: tl.constexpr):
+             scb, sct, ssb, sst, HALF: tl.constexpr, HB: tl.constexpr):
         bt = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1).to(tl.int64)
+        g = tl.program_id(1)
         b = bt // t
         p = bt % t
-        if h < hq:
-            src = Q + b * sqb + h * sqh + p * sqt
-            dst = QO + b * sob + h * soh + p * sot
+        nq = tl.cdiv(hq, HB)
+        hh = tl.arange(0, HB)
+        if g < nq:
+            heads = g * HB + hh
+            live = heads < hq
+            src = Q + b * sqb + p * sqt + heads.to(tl.int64)[:, None] * sqh
+            dst = QO + b * sob + p * sot + heads.to(tl.int64)[:, None] * soh
         else:
-            src = K + b * skb + (h - hq) * skh + p * skt
-            dst = KO + b * skob + (h - hq) * skoh + p * skot
+            heads = (g - nq) * HB + hh
+            live = heads < hk
+            src = K + b * skb + p * skt + heads.to(tl.int64)[:, None] * skh
+            dst = KO + b * skob + p * skot + heads.to(tl.int64)[:, None] * skoh
         lo = tl.arange(0, HALF)
         cs = C + b * scb + p * sct
         sn = S + b * ssb + p * sst
         dt = Q.dtype.element_ty
-        x1 = tl.load(src + lo).to(tl.float32)
-        x2 = tl.load(src + HALF + lo).to(tl.float32)
-        c1 = tl.load(cs + lo).to(tl.float32)
-        c2 = tl.load(cs + HALF + lo).to(tl.float32)
-        s1 = tl.load(sn + lo).to(tl.float32)
-        s2 = tl.load(sn + HALF + lo).to(tl.float32)
+        m = live[:, None]
+        x1 = tl.load(src + lo[None, :], mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF + lo[None, :], mask=m, other=0.0).to(tl.float32)
+        c1 = tl.load(cs + lo).to(tl.float32)[None, :]
+        c2 = tl.load(cs + HALF + lo).to(tl.float32)[None, :]
+        s1 = tl.load(sn + lo).to(tl.float32)[None, :]
+        s2 = tl.load(sn + HALF + lo).to(tl.float32)[None, :]
         # transformers: (x * cos) + (rotate_half(x) * sin), each product rounded to the dtype
         o1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
         o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-        tl.store(dst + lo, o1.to(dt))
-        tl.store(dst + HALF + lo, o2.to(dt))
+        tl.store(dst + lo[None, :], o1.to(dt), mask=m)
+        tl.store(dst + HALF + lo[None, :], o2.to(dt), mask=m)
 
     return rope

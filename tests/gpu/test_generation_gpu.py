@@ -36,6 +36,7 @@ def test_default_cuda_path_uses_graphs_in_bf16():
     assert all(new) and sum(a != b for a, b in zip(ref, new)) <= len(ref) // 2
     # head_dim 16: the Triton decode attention and RMSNorm are the CUDA defaults
     assert stats["decode_attn"] == "triton" and stats["fused_norms"] == 2 * 4 + 1
+    assert stats["fused_residuals"] == 4 and stats["fused_rotary"] == 1
 
 
 @pytest.mark.parametrize("attn", ["triton", "sdpa"])
@@ -47,3 +48,4 @@ def test_triton_kernels_in_graphs_match_reference_in_float32(monkeypatch, attn):
                                    engine=dict(graphs=True, window=8, min_rows=1))
     assert stats["graphs"] > 1 and stats["eager_fallback"] is None
     assert stats["decode_attn"] == attn and stats["fused_norms"] == 2 * 4 + 1
+    assert stats["fused_residuals"] == 4

@@ -7,7 +7,7 @@ rounding there, float16 (rounded to nearest, like the GPU) almost bit for bit.""
 import pytest
 import torch
 from tiny import tiny_model
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 from triton_kernels import forget_failures, kernel_device
 
@@ -106,3 +106,74 @@ def test_the_environment_variable_picks_the_path(monkeypatch):
     monkeypatch.setenv("HARC_DECODE_NORM", "fused")
     with pytest.raises(HarcError, match="HARC_DECODE_NORM must be"):
         dn.enabled(dev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_add_rms_norm_rounds_the_sum_then_normalises_it(dtype):
+    m, x = norm(Qwen2RMSNorm, 96, dtype, seed=3)
+    y = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(DEV, dtype)
+    s, out = dn.add_rms_norm(x, y, m.weight, m.variance_epsilon)
+    if dtype == torch.bfloat16 and DEV == "cpu":  # the interpreter truncates to bf16
+        torch.testing.assert_close(s, x + y, rtol=2 ** -7, atol=1e-3)
+    else:  # the sum rounded once, as torch's add rounds it, and normalised as rms_norm does
+        assert torch.equal(s, x + y)
+    assert torch.equal(out, dn.rms_norm(s, m.weight, m.variance_epsilon))
+
+
+def run_layers(model, ids):
+    out = []
+    hook = model.model.norm.register_forward_hook(lambda _m, a, _o: out.append(a[0]))
+    try:
+        logits = model(input_ids=ids).logits
+    finally:
+        hook.remove()
+    return logits, out[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_residuals_leave_the_layers_outputs_unchanged(arch):
+    model = tiny_model(arch, n_layers=3, hidden=64).to(DEV)
+    ids = torch.tensor([[5, 9, 31, 7, 100, 2], [8, 8, 1, 50, 3, 4]], device=DEV)
+    blocks = list(model.model.layers)
+    with torch.no_grad():
+        ref, ref_h = run_layers(model, ids)
+        with dn.fused_residuals(blocks) as n, dn.fused_norms(model):
+            assert n == 3 and all("forward" in b.__dict__ for b in blocks)
+            calls = []
+            for b in blocks:  # layers after the first take their input norm from the one before
+                b.input_layernorm.register_forward_hook(lambda m, a, o: calls.append(m))
+            inside, inside_h = run_layers(model, ids)
+        for b in blocks:
+            b.input_layernorm._forward_hooks.clear()
+    assert calls == [blocks[0].input_layernorm]
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    torch.testing.assert_close(inside_h, ref_h, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inside, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_the_fused_forward_would_change_keep_their_own():
+    model = tiny_model("llama", n_layers=3, hidden=64).to(DEV)
+    blocks = list(model.model.layers)
+    hooked = blocks[0].post_attention_layernorm.register_forward_hook(lambda *a: None)
+    blocks[1].extra = torch.nn.Identity()  # a fifth child: not a Llama-style layer
+    with dn.fused_residuals(blocks) as n:
+        assert n == 1 and "forward" in blocks[2].__dict__
+        assert not any("forward" in b.__dict__ for b in blocks[:2])
+    hooked.remove()
+
+
+class ScaledLayer(LlamaDecoderLayer):
+    """Another residual formula under the Llama layer's children: h + 0.5 * attn."""
+
+    def forward(self, hidden_states, **kwargs):
+        a = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
+        h = hidden_states + 0.5 * a
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def test_a_layer_class_whose_forward_differs_is_left_alone():
+    model = tiny_model("llama", n_layers=2, hidden=64).to(DEV)
+    for b in model.model.layers:
+        b.__class__ = ScaledLayer
+    with dn.fused_residuals(list(model.model.layers)) as n:
+        assert n == 0

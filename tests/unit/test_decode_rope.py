@@ -35,7 +35,8 @@ def inputs(b, hq, hk, t, d, dtype, cos_rows=None, seed=0):
 
 @pytest.mark.parametrize("module", [modeling_llama, modeling_qwen2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(3, 7, 1, 1, 128), (2, 4, 4, 5, 64), (1, 8, 2, 3, 8)])
+@pytest.mark.parametrize("shape", [(3, 7, 1, 1, 128), (2, 4, 4, 5, 64), (1, 8, 2, 3, 8),
+                                   (2, 12, 8, 2, 32)])  # 8 heads a program: the last 4 masked
 def test_matches_transformers(module, dtype, shape):
     args = inputs(*shape, dtype, seed=shape[0])
     ref, ours = module.apply_rotary_pos_emb(*args), dr.rotate(*args)

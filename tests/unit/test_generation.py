@@ -4,6 +4,7 @@ reference engine), token for token, in float32."""
 import os
 import warnings
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -258,6 +259,10 @@ class FakeGraphs:
         self.graphs, self.seconds = {}, 0.0
         self.warmup_seconds, self.warmup_steps = 0.0, 0
 
+    def eager(self, fn):
+        fn()
+        self.warmup_steps += 1
+
     def run(self, key, fn):
         engine, (b, width) = fn.func.__self__, key
         live = ~engine.st["done"][:b]
@@ -266,8 +271,7 @@ class FakeGraphs:
         if key in self.graphs:
             self.graphs[key]()
             return
-        fn()
-        self.warmup_steps += 1
+        self.eager(fn)
         saved = ({k: t.clone() for k, t in engine.st.items()},
                  [(k.clone(), v.clone()) for k, v in zip(engine.cache.k, engine.cache.v)])
         with NoSync():
@@ -293,7 +297,8 @@ def test_graph_path_is_capture_safe_and_matches_reference(monkeypatch, window):
     _, _, stats = compacting_stops(model, tok, prompts, 8,
                                    engine=dict(graphs=True, window=window, min_rows=1))
     assert stats["graphs"] > 1 and stats["eager_fallback"] is None and stats["fills"] > 1
-    assert stats["warmup_steps"] == stats["graphs"]  # each capture follows one eager step
+    # each capture follows one eager step, and the first step of all runs eagerly
+    assert stats["warmup_steps"] == stats["graphs"] + 1
     if window > 1:  # one width per window (exact widths make every step a new one at window 1)
         assert stats["steps"] > stats["graphs"]  # most steps were replays
 
@@ -405,12 +410,32 @@ def test_triton_decode_attention_matches_reference(monkeypatch):
         torch.testing.assert_close(out, plain)
 
 
+def test_triton_steps_read_the_whole_cache_unless_that_changes_the_split_count():
+    eng = dec.Engine(tiny_model("qwen2"), max_new_tokens=4, slots=4, eos_ids=[0])
+    eng.cache = SimpleNamespace(k=[torch.zeros(1, 2, 1, 1)])  # 2 KV heads
+    eng.stats["decode_attn"] = "sdpa"
+    assert eng._width(256, 320, 1024) == 320  # SDPA reads every column it is given
+    eng.stats["decode_attn"] = "triton"  # on CPU the kernel sizes its splits for 8 "SMs"
+    assert eng._width(256, 320, 1024) == 1024  # 512 programs: one split at either width
+    assert eng._width(2, 320, 1024) == 320  # 4 programs: 1 split over 320 columns, 2 over 1024
+
+
 def test_triton_rmsnorm_matches_reference_and_is_removed_afterwards(monkeypatch):
     interpreted_kernels()
     monkeypatch.setenv("HARC_DECODE_NORM", "triton")
     tok, model = tiny_tokenizer("llama3.1"), sharp(tiny_model("llama", n_layers=2))
     ref, new, stats = run_both(model, tok, PROMPTS[:3], max_new=6)
     assert new == ref and stats["fused_norms"] == 2 * 2 + 1
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_fused_residuals_match_reference_and_are_removed_afterwards(monkeypatch):
+    interpreted_kernels()
+    monkeypatch.setenv("HARC_DECODE_RESIDUAL", "triton")
+    monkeypatch.setenv("HARC_DECODE_NORM", "triton")  # both: the fused layers call patched norms
+    tok, model = tiny_tokenizer("qwen2.5"), sharp(tiny_model("qwen2", n_layers=3))
+    ref, new, stats = run_both(model, tok, PROMPTS[:3], max_new=6)
+    assert new == ref and stats["fused_residuals"] == 3 and stats["fused_norms"] == 3 * 2 + 1
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
