@@ -277,9 +277,12 @@ class Engine:
 
     def _run_step(self, b: int, width: int) -> None:
         self.stats["steps"] += 1
-        if self.graphs is None or self.stats["decode_attn"] is None:
-            # The first step runs eagerly: it shows which attention the graphs would hold.
-            (self.graphs.eager if self.graphs else lambda f: f())(partial(self._step, b, width))
+        if self.graphs is None:
+            self._step(b, width)
+            self.stats["decode_attn"] = _decode_path[0]
+            return
+        if self.stats["decode_attn"] is None:  # eagerly: shows which attention graphs would hold
+            self.graphs.eager(partial(self._step, b, width))
             self.stats["decode_attn"] = _decode_path[0]
             return
         try:
