@@ -342,7 +342,8 @@ def case_dims(args, dev, arch: str) -> dict:
         prefill: dict[str, float] = {}  # t_1 per NORM/ROPE/PROJ/RESID setting
         first = None  # the first variant's tokens: a kernel that rounds alike changes none
         for v in variants:
-            norm = "/".join(v.split("/")[1:4] + v.split("/")[5:]) if v != "default" else v
+            parts = v.split("/")
+            norm = "/".join(parts[1:4] + parts[5:]) if v != "default" else v
             with kernels(v):
                 toks, prefill[norm], r = measure("new", n, t1=prefill.get(norm), **same)
             r["speedup_decode"] = rec["old"]["ms_per_step"] / r["ms_per_step"]

@@ -366,6 +366,8 @@ def main(argv=None) -> dict:
                     help="after timing, profile one micro-step (under the first --kl-cache share, "
                          "if any) and print its top ops to stderr")
     args = ap.parse_args(argv)
+    if not all(x.isdigit() and int(x) >= 1 for x in args.accum.split(",")):
+        ap.error(f"--accum: {args.accum!r} is not a comma-separated list of integers >= 1")
     device = args.device
     dtype = getattr(torch, args.dtype) if args.dtype else (
         torch.bfloat16 if device.startswith("cuda") else torch.float32)

