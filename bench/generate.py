@@ -21,7 +21,8 @@ Cases (--cases, in this order; each one that fails is recorded and the next one 
   triton on CUDA), recorded as new[VARIANT] (`new` for default). Its t_1 is taken once per
   NORM/ROPE/PROJ/RESID: prefill never runs the decode attention or the decode KV store.
   --old-max-new-tokens shortens the old engine's run (its ms per step from fewer steps;
-  differing rows over those tokens).
+  differing rows over those tokens). --repeats R runs harc's decoder R times per variant and
+  records each run's ms per step and fraction of the floor, with the medians.
 - real: --model (loaded with harc.models.load_model) on a realistic mix: harc attacks (--attacks,
   long templates such as dan included) applied to --n-requests HarmBench requests, plus as many
   plain benign prompts; EOS stops rows. Wall time of the whole set at --batch-size, and rows whose
@@ -46,6 +47,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 import traceback
@@ -178,6 +180,20 @@ def warm(model, vocab: int, pad, variants=("default",)) -> None:
     for v in variants:
         with kernels(v):
             run_engine("new", model, seqs, eos=[], pad=pad, max_new=4, batch=2)
+
+
+def repeats(runs: list[dict]) -> dict:
+    """Each run's ms per step and fraction of the floor (all steps, and replayed where there are
+    graphs), with their medians."""
+    out = {}
+    for ms_key, frac_key in (("ms_per_step", "roofline"),
+                             ("ms_per_replayed_step", "roofline_replayed")):
+        if all(ms_key in r for r in runs):
+            ms = [r[ms_key] for r in runs]
+            frac = [r[frac_key]["fraction"] for r in runs]
+            out[ms_key] = {"runs": ms, "median": statistics.median(ms)}
+            out[f"{frac_key}_fraction"] = {"runs": frac, "median": statistics.median(frac)}
+    return out
 
 
 def new_key(variant: str) -> str:
@@ -344,8 +360,14 @@ def case_dims(args, dev, arch: str) -> dict:
         for v in variants:
             parts = v.split("/")
             norm = "/".join(parts[1:4] + parts[5:]) if v != "default" else v
-            with kernels(v):
-                toks, prefill[norm], r = measure("new", n, t1=prefill.get(norm), **same)
+            runs = []
+            for _ in range(args.repeats):
+                with kernels(v):
+                    toks, prefill[norm], r = measure("new", n, t1=prefill.get(norm), **same)
+                runs.append(r)
+            r = runs[0]
+            if len(runs) > 1:  # one card's run-to-run spread, next to a bar it sits close to
+                r["repeats"] = repeats(runs)
             r["speedup_decode"] = rec["old"]["ms_per_step"] / r["ms_per_step"]
             r["differing_rows"] = differing(old_toks, [t[:n_old] for t in toks])
             first = first or (new_key(v), toks)
@@ -509,6 +531,9 @@ def main() -> None:
     ap.add_argument("--decode-kernels", default="default",
                     help="`dims`: harc's decoder once per ATTN/NORM[/ROPE[/PROJ[/STORE[/RESID]]]], e.g. "
                          "sdpa/torch/torch/torch,triton/triton/triton/triton")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="`dims`: runs of harc's decoder per variant; each run's figures and the "
+                         "median are recorded under `repeats` (the first run's record stands)")
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--attacks", default=DEFAULT_ATTACKS)
     ap.add_argument("--n-requests", type=int, default=40)
@@ -519,6 +544,8 @@ def main() -> None:
                     help="`dims` on CUDA: GPU time per decode step by kernel kind over N steps, "
                          "with and without CUDA graphs (torch.profiler)")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     for v in args.decode_kernels.split(","):
         parts = v.split("/")
         if v != "default" and (len(parts) not in (2, 3, 4, 5, 6) or parts[0] not in ("sdpa", "triton")
