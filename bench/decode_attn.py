@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import random
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from harc import _decode_attn  # noqa: E402
 from harc._decode import width_bucket  # noqa: E402
+from harc.io import atomic_write_json  # noqa: E402
 
 ARCHS = {"qwen2-7b": (28, 4, 128), "llama3-8b": (32, 8, 128)}  # query heads, KV heads, head dim
 
@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--stages", default="1,2,3,4")
     ap.add_argument("--peak-bw", type=float, default=4.8e12)
     args = ap.parse_args()
+    if bad := [a for a in args.archs.split(",") if a not in ARCHS]:
+        ap.error(f"--archs: unknown {bad}; known: {', '.join(ARCHS)}")
     if not torch.cuda.is_available():
         sys.exit("bench/decode_attn.py needs CUDA")
     import triton.testing
@@ -108,7 +110,7 @@ def main() -> None:
               f"{current['ms'] if current else float('nan'):.3f} ms; best {ok[0]['ms']:.3f} ms "
               f"{ {k: ok[0][k] for k in ('splits', 'block_n', 'num_warps', 'num_stages')} }"
               f" ({ok[0]['bandwidth_fraction']:.2f} of peak), max err {ok[0]['max_abs_err']:.2e}")
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        atomic_write_json(args.out, result)  # a kill mid-write keeps the shapes written before
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import random
@@ -60,6 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from harc.generation import eos_token_ids, generate_tokens, generate_tokens_hf  # noqa: E402
+from harc.io import atomic_write_json  # noqa: E402
 
 ARCHS = {
     "qwen2-7b": ("Qwen2Config", dict(num_hidden_layers=28, hidden_size=3584, intermediate_size=18944,
@@ -360,12 +360,13 @@ def case_dims(args, dev, arch: str) -> dict:
         for v in variants:
             parts = v.split("/")
             norm = "/".join(parts[1:4] + parts[5:]) if v != "default" else v
-            runs = []
+            results = []
             for _ in range(args.repeats):
                 with kernels(v):
-                    toks, prefill[norm], r = measure("new", n, t1=prefill.get(norm), **same)
-                runs.append(r)
-            r = runs[0]
+                    got, prefill[norm], r = measure("new", n, t1=prefill.get(norm), **same)
+                results.append((got, r))
+            toks, r = results[0]  # the first run's tokens, beside its record
+            runs = [run for _, run in results]
             if len(runs) > 1:  # one card's run-to-run spread, next to a bar it sits close to
                 r["repeats"] = repeats(runs)
             r["speedup_decode"] = rec["old"]["ms_per_step"] / r["ms_per_step"]
@@ -591,7 +592,7 @@ def main() -> None:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         result["cases"][name]["case_s"] = time.perf_counter() - t0
-        out.write_text(json.dumps(result, indent=2, default=str))
+        atomic_write_json(out, result)  # a kill mid-write keeps the cases written before
         print(f"[{name}] {result['cases'][name]['case_s']:.1f} s", file=sys.stderr, flush=True)
     print(result["card"], f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(table(result))
